@@ -1,0 +1,1 @@
+"""PyTorch → ONNX conversion with a parity proof, writing into a model repository."""

@@ -1,0 +1,89 @@
+"""``visionserve convert``. Imports torch only when the command runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from service.cli_util import fail, parse_size, parse_triple
+
+Opt = typer.Option
+
+
+def convert(
+    repository: Annotated[Path, Opt("--repository", "-r", help="model repository to write into")],
+    name: Annotated[str, Opt("--name", "-n", help="model name in the repository")],
+    arch: Annotated[Optional[str], Opt(help="torchvision architecture, e.g. mobilenet_v2, resnet18")] = None,
+    module: Annotated[Optional[str], Opt(help="any nn.Module: 'package.module:factory'")] = None,
+    torchscript: Annotated[Optional[Path], Opt(help="a TorchScript file (torch.jit.save)")] = None,
+    weights: Annotated[Optional[Path], Opt(help="state_dict or checkpoint for --arch/--module")] = None,
+    task: Annotated[str, Opt(help="classify or detect")] = "classify",
+    labels: Annotated[Optional[Path], Opt(help="class names, one per line")] = None,
+    num_classes: Annotated[Optional[int], Opt(help="classes of a torchvision --arch (default 1000)")] = None,
+    version: Annotated[Optional[str], Opt(help="version to write (default: next)")] = None,
+    input_size: Annotated[str, Opt(help="model input, 'S' or 'HxW'")] = "224",
+    resize: Annotated[Optional[int], Opt(help="shorter side before the center crop (default input*256/224)")] = None,
+    resize_policy: Annotated[str, Opt(help="shorter_side_center_crop, stretch or letterbox")] = (
+        "shorter_side_center_crop"),
+    mean: Annotated[str, Opt(help="per-channel mean, after scale")] = "0.485,0.456,0.406",
+    std: Annotated[str, Opt(help="per-channel std, after scale")] = "0.229,0.224,0.225",
+    scale: Annotated[float, Opt(help="multiplies 0-255 pixels before mean/std")] = 1 / 255,
+    channel_order: Annotated[str, Opt(help="RGB or BGR")] = "RGB",
+    activation: Annotated[str, Opt(help="classifier output → probabilities: softmax, sigmoid, none")] = "softmax",
+    exporter: Annotated[str, Opt(help="auto (dynamo, then legacy), dynamo or legacy")] = "auto",
+    opset: Annotated[int, Opt(help="ONNX opset for the dynamo exporter (legacy uses ≤ 17)")] = 18,
+    atol: Annotated[float, Opt(help="parity: absolute tolerance")] = 1e-3,
+    rtol: Annotated[float, Opt(help="parity: relative tolerance")] = 1e-3,
+    max_batch_size: Annotated[int, Opt(help="largest batch the server will form")] = 32,
+    overwrite: Annotated[bool, Opt(help="replace an existing version")] = False,
+) -> None:
+    """Export a PyTorch model to ONNX, prove parity with PyTorch, and add it to a model repository."""
+    from pydantic import ValidationError
+
+    from service.manifest import Preprocess
+    from service.repository import RepositoryError
+
+    from .export import ExportError
+    from .parity import ParityError
+    from .pipeline import ConvertOptions, convert_model, read_labels
+    from .sources import SourceError, load_source
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if task not in ("classify", "detect"):
+        fail(f"--task must be classify or detect, got {task!r}")
+    if task == "detect":
+        fail("--task detect: use a detector recipe (see README, object detection)")
+    h, w = parse_size(input_size, "--input-size")
+    try:
+        pre = Preprocess(
+            resize_policy=resize_policy,  # type: ignore[arg-type]
+            resize=resize if resize is not None else round(min(h, w) * 256 / 224),
+            mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"), scale=scale,
+            channel_order=channel_order,  # type: ignore[arg-type]
+        )
+        label_list = read_labels(labels) if labels else []
+        source = load_source(arch=arch, module=module, torchscript=torchscript, weights=weights,
+                             num_classes=num_classes)
+        opts = ConvertOptions(
+            name=name, repository=repository, version=version, task="classify", input_size=(h, w),
+            preprocess=pre, labels=label_list, classify_activation=activation,  # type: ignore[arg-type]
+            exporter=exporter, opset=opset, atol=atol, rtol=rtol,  # type: ignore[arg-type]
+            max_batch_size=max_batch_size, overwrite=overwrite,
+        )
+        entry = convert_model(source, opts)
+    except (SourceError, ExportError, ParityError, RepositoryError, FileNotFoundError, ValueError,
+            ValidationError) as e:
+        fail(str(e))
+    m = entry.manifest
+    p = m.provenance.parity
+    assert p is not None
+    typer.echo(
+        f"wrote {entry.directory} ({m.provenance.exporter} exporter, opset {m.provenance.opset}); parity over "
+        f"{p.samples} samples (batches {p.batch_sizes}, {p.real_images} real images): max abs error "
+        f"{p.max_abs_error:.2e}, max rel error {p.max_rel_error:.2e}, top-1 agreement "
+        f"{'n/a' if p.top1_agreement is None else f'{p.top1_agreement:.1%}'}; "
+        f"{m.provenance.notes.get('convert_seconds')} s"
+    )

