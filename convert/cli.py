@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,16 +16,16 @@ Opt = typer.Option
 def convert(
     repository: Annotated[Path, Opt("--repository", "-r", help="model repository to write into")],
     name: Annotated[str, Opt("--name", "-n", help="model name in the repository")],
-    arch: Annotated[Optional[str], Opt(help="torchvision architecture, e.g. mobilenet_v2, resnet18")] = None,
-    module: Annotated[Optional[str], Opt(help="any nn.Module: 'package.module:factory'")] = None,
-    torchscript: Annotated[Optional[Path], Opt(help="a TorchScript file (torch.jit.save)")] = None,
-    weights: Annotated[Optional[Path], Opt(help="state_dict or checkpoint for --arch/--module")] = None,
+    arch: Annotated[str | None, Opt(help="torchvision architecture, e.g. mobilenet_v2, resnet18")] = None,
+    module: Annotated[str | None, Opt(help="any nn.Module: 'package.module:factory'")] = None,
+    torchscript: Annotated[Path | None, Opt(help="a TorchScript file (torch.jit.save)")] = None,
+    weights: Annotated[Path | None, Opt(help="state_dict or checkpoint for --arch/--module")] = None,
     task: Annotated[str, Opt(help="classify or detect")] = "classify",
-    labels: Annotated[Optional[Path], Opt(help="class names, one per line")] = None,
-    num_classes: Annotated[Optional[int], Opt(help="classes of a torchvision --arch (default 1000)")] = None,
-    version: Annotated[Optional[str], Opt(help="version to write (default: next)")] = None,
+    labels: Annotated[Path | None, Opt(help="class names, one per line")] = None,
+    num_classes: Annotated[int | None, Opt(help="classes of a torchvision --arch (default 1000)")] = None,
+    version: Annotated[str | None, Opt(help="version to write (default: next)")] = None,
     input_size: Annotated[str, Opt(help="model input, 'S' or 'HxW'")] = "224",
-    resize: Annotated[Optional[int], Opt(help="shorter side before the center crop (default input*256/224)")] = None,
+    resize: Annotated[int | None, Opt(help="shorter side before the center crop (default input*256/224)")] = None,
     resize_policy: Annotated[str, Opt(help="shorter_side_center_crop, stretch or letterbox")] = (
         "shorter_side_center_crop"),
     mean: Annotated[str, Opt(help="per-channel mean, after scale")] = "0.485,0.456,0.406",

@@ -1,0 +1,190 @@
+"""The dynamic batcher: concurrent requests for one model become batches on its sessions.
+
+- A lone request on an idle engine runs at once: a worker takes what is queued *now*, and only waits for
+  more if ``max_delay_s`` asks for it. Requests that arrive while the engine is busy pile up in the queue
+  and leave together as the next batch.
+- One worker per runner (model instance), all on one bounded queue; a full queue refuses at once.
+- The queue holds ``(item, future)`` pairs: a caller that gave up (cancelled future) is skipped, never
+  breaks its neighbours; an item past its deadline is failed with DeadlineExceeded and not run.
+- Shutdown drains: every accepted item is run before the workers stop.
+
+Items arrive already decoded and preprocessed, so a bad image fails only its own request. Nothing here
+knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DeadlineExceeded, Unavailable, VisionServeError
+
+log = logging.getLogger("visionserve.batcher")
+
+RunBatch = Callable[[np.ndarray], Sequence[np.ndarray]]
+
+
+class InferenceFailed(VisionServeError):
+    status_code = 500
+
+
+@dataclass
+class BatchStats:
+    size: int
+    queue_waits: list[float]
+    inference_s: float
+
+
+@dataclass
+class _Work:
+    item: np.ndarray
+    future: asyncio.Future[list[np.ndarray]]
+    deadline: float | None  # time.monotonic() seconds
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+_STOP = object()
+
+
+class Batcher:
+    def __init__(
+        self,
+        runners: Sequence[RunBatch],
+        *,
+        max_batch_size: int,
+        max_queue: int = 256,
+        max_delay_s: float = 0.0,
+        split_outputs: bool = True,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        name: str = "model",
+    ) -> None:
+        if not runners:
+            raise ValueError("a batcher needs at least one runner")
+        self.runners = list(runners)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_delay_s = max_delay_s
+        self.split_outputs = split_outputs
+        self.on_batch = on_batch
+        self.name = name
+        self._queue: asyncio.Queue[_Work | object] = asyncio.Queue()
+        self._pending = 0  # accepted, not yet taken by a worker
+        self._workers: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=len(self.runners), thread_name_prefix=f"infer-{name}")
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Items accepted and waiting for a worker."""
+        return self._pending
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work(r), name=f"batcher-{self.name}-{i}")
+                         for i, r in enumerate(self.runners)]
+
+    async def submit(self, item: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
+        """Queue one item; returns its slice of every output. Raises Unavailable when full or closed."""
+        if self._closed:
+            raise Unavailable(f"model {self.name} is shutting down")
+        if self._pending >= self.max_queue:
+            raise Unavailable(f"model {self.name} is overloaded: {self._pending} requests queued")
+        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        self._queue.put_nowait(_Work(item, future, deadline))
+        return await future
+
+    async def stop(self) -> None:
+        """Refuse new work, finish everything accepted, stop the workers."""
+        self._closed = True
+        for _ in self._workers:
+            self._queue.put_nowait(_STOP)
+        if self._workers:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    async def _work(self, runner: RunBatch) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop_after = self._collect(batch)
+            if self.max_delay_s > 0 and not stop_after and len(batch) < self.max_batch_size:
+                stop_after = await self._wait_for_more(batch, first.enqueued + self.max_delay_s)  # type: ignore[union-attr]
+            self._pending -= len(batch)
+            live = self._admit(batch)  # type: ignore[arg-type]
+            if live:
+                await self._run(loop, runner, live)
+            if stop_after:
+                return
+
+    def _collect(self, batch: list[_Work | object]) -> bool:
+        """Take what is queued now, up to the batch size; True if a stop signal was taken."""
+        while len(batch) < self.max_batch_size:
+            try:
+                w = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return False
+            if w is _STOP:
+                return True
+            batch.append(w)
+        return False
+
+    async def _wait_for_more(self, batch: list[_Work | object], until: float) -> bool:
+        while len(batch) < self.max_batch_size:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                w = await asyncio.wait_for(self._queue.get(), remaining)
+            except asyncio.TimeoutError:
+                return False
+            if w is _STOP:
+                return True
+            batch.append(w)
+            if self._collect(batch):
+                return True
+        return False
+
+    def _admit(self, batch: list[_Work]) -> list[_Work]:
+        now = time.monotonic()
+        live = []
+        for w in batch:
+            if w.future.done():  # the caller gave up
+                continue
+            if w.deadline is not None and now >= w.deadline:
+                w.future.set_exception(DeadlineExceeded("request deadline passed while queued"))
+                continue
+            live.append(w)
+        return live
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, live: list[_Work]) -> None:
+        started = time.monotonic()
+        try:
+            stacked = np.stack([w.item for w in live])
+            outputs = await loop.run_in_executor(self._executor, runner, stacked)
+            if self.split_outputs:
+                bad = [o.shape for o in outputs if o.shape[:1] != (len(live),)]
+                if bad:
+                    raise InferenceFailed(f"model returned outputs {bad} for a batch of {len(live)}")
+        except Exception as e:
+            log.exception("batch of %d failed on %s", len(live), self.name)
+            err = e if isinstance(e, VisionServeError) else InferenceFailed(f"inference failed: {e}")
+            for w in live:
+                if not w.future.done():
+                    w.future.set_exception(err)
+            return
+        elapsed = time.monotonic() - started
+        for i, w in enumerate(live):
+            if not w.future.done():
+                w.future.set_result([o[i] for o in outputs] if self.split_outputs else list(outputs))
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(len(live), [started - w.enqueued for w in live], elapsed))

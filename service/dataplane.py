@@ -1,0 +1,251 @@
+"""The data plane: what every transport calls. Knows models, batching and metrics; knows nothing of HTTP.
+
+The life of a request: decode + preprocess (thread pool, off the event loop) → batcher → postprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from . import __version__
+from .errors import BadTensor, DeadlineExceeded, InvalidParameter, VisionServeError
+from .imaging import Geometry
+from .metrics import Metrics
+from .postprocess import top_k
+from .registry import LoadedModel, Registry
+from .settings import Settings
+
+T = TypeVar("T")
+
+DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
+             "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
+IMAGE_INPUT = "image"
+
+
+@dataclass
+class Tensor:
+    """An Open Inference Protocol tensor: numeric data as an array, BYTES as a list of bytes."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray | list[bytes]
+
+
+class DataPlane:
+    def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.metrics = metrics
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=True)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def model(self, name: str, version: str | None = None) -> LoadedModel:
+        return self.registry.get(name, version)
+
+    @asynccontextmanager
+    async def track(self, model: LoadedModel, endpoint: str) -> AsyncIterator[None]:
+        """Count, time and label one request by outcome."""
+        labels = (model.name, model.version)
+        inflight = self.metrics.inflight.labels(*labels)
+        inflight.inc()
+        started = time.perf_counter()
+        outcome = "success"
+        try:
+            yield
+        except VisionServeError as e:
+            outcome = _outcome(e)
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            inflight.dec()
+            self.metrics.request_duration.labels(*labels, endpoint).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(*labels, endpoint, outcome).inc()
+
+    async def within(self, deadline: float | None, work: Awaitable[T]) -> T:
+        """Await ``work`` but no later than ``deadline`` (monotonic); unstarted batch work is dropped."""
+        if deadline is None:
+            return await work
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise DeadlineExceeded("request deadline passed before the work started")
+        try:
+            return await asyncio.wait_for(work, remaining)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"request deadline of {remaining * 1000:.0f} ms passed") from None
+
+    async def preprocess(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, Geometry]:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        result = await loop.run_in_executor(self._decode_pool, model.preprocessor, data)
+        self.metrics.preprocess.labels(model.name, model.version).observe(time.perf_counter() - started)
+        return result
+
+    async def run_image(self, model: LoadedModel, data: bytes, deadline: float | None
+                        ) -> tuple[list[np.ndarray], Geometry]:
+        tensor, geometry = await self.preprocess(model, data)
+        outputs = await model.batcher.submit(tensor, deadline)
+        return outputs, geometry
+
+    # -- native API ----------------------------------------------------------------------------------
+    async def classify(self, model: LoadedModel, data: bytes, k: int, deadline: float | None
+                       ) -> dict[str, Any]:
+        if model.manifest.task != "classify":
+            raise InvalidParameter(f"model {model.name} is a {model.manifest.task} model; use /{model.manifest.task}")
+        if not 1 <= k <= self.settings.max_top_k:
+            raise InvalidParameter(f"top_k must be between 1 and {self.settings.max_top_k}, got {k}")
+        outputs, _ = await self.within(deadline, self.run_image(model, data, deadline))
+        idx = model.runners[0].output_names.index(model.manifest.postprocess.output)  # type: ignore[union-attr]
+        return {"model": model.name, "version": model.version,
+                "predictions": top_k(model.manifest, outputs[idx], k)}
+
+    async def detect(self, model: LoadedModel, data: bytes, *, score_threshold: float, iou_threshold: float,
+                     max_detections: int, deadline: float | None) -> dict[str, Any]:
+        from . import detection
+
+        if model.manifest.task != "detect":
+            raise InvalidParameter(f"model {model.name} is a {model.manifest.task} model; use /{model.manifest.task}")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise InvalidParameter(f"score_threshold must be in [0, 1], got {score_threshold}")
+        if not 0.0 <= iou_threshold <= 1.0:
+            raise InvalidParameter(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+        if not 1 <= max_detections <= 10_000:
+            raise InvalidParameter(f"max_detections must be between 1 and 10000, got {max_detections}")
+        outputs, geometry = await self.within(deadline, self.run_image(model, data, deadline))
+        named = dict(zip(model.runners[0].output_names, outputs))
+        dets = detection.decode(model.manifest, named, geometry, score_threshold, iou_threshold, max_detections)
+        return {"model": model.name, "version": model.version,
+                "image": {"width": geometry.width, "height": geometry.height}, "detections": dets}
+
+    # -- Open Inference Protocol ---------------------------------------------------------------------
+    async def infer(self, model: LoadedModel, inputs: list[Tensor], deadline: float | None
+                    ) -> tuple[list[str], list[np.ndarray]]:
+        """Run a batch given as tensors; returns output names and batched outputs."""
+        if len(inputs) != 1:
+            raise BadTensor(f"expected exactly one input ({model.manifest.input.name!r} FP32 or {IMAGE_INPUT!r} "
+                            f"BYTES), got {len(inputs)}")
+        t = inputs[0]
+        spec = model.manifest.input
+        if t.name == IMAGE_INPUT or t.datatype == "BYTES":
+            if t.datatype != "BYTES":
+                raise BadTensor(f"input {IMAGE_INPUT!r} must have datatype BYTES, got {t.datatype}")
+            images = t.data
+            assert isinstance(images, list)
+            if not images:
+                raise BadTensor("input 'image' holds no images")
+            self._check_batch(model, len(images))
+            coros = [self.run_image(model, img, deadline) for img in images]
+            results = await self.within(deadline, asyncio.gather(*coros))
+            per_item = [r[0] for r in results]
+        else:
+            if t.name != spec.name:
+                raise BadTensor(f"unknown input {t.name!r}; this model takes {spec.name!r} (FP32 {spec.shape}) "
+                                f"or {IMAGE_INPUT!r} (BYTES)")
+            if t.datatype != spec.datatype:
+                raise BadTensor(f"input {t.name!r} must be {spec.datatype}, got {t.datatype}")
+            arr = t.data
+            assert isinstance(arr, np.ndarray)
+            want = spec.shape[1:]
+            if arr.ndim != len(spec.shape) or list(arr.shape[1:]) != want or arr.shape[0] < 1:
+                raise BadTensor(f"input {t.name!r} must have shape [N, {', '.join(map(str, want))}], got "
+                                f"{list(arr.shape)}")
+            if not np.isfinite(arr).all():
+                raise BadTensor(f"input {t.name!r} holds NaN or infinite values")
+            self._check_batch(model, arr.shape[0])
+            coros = [model.batcher.submit(row, deadline) for row in arr.astype(np.float32, copy=False)]
+            per_item = await self.within(deadline, asyncio.gather(*coros))
+        names = model.runners[0].output_names
+        if not model.batcher.split_outputs:
+            return names, per_item[0]
+        return names, [np.stack([item[i] for item in per_item]) for i in range(len(names))]
+
+    def _check_batch(self, model: LoadedModel, n: int) -> None:
+        if n > model.max_batch_size:
+            raise BadTensor(f"batch of {n} exceeds the model's max_batch_size {model.max_batch_size}")
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "visionserve", "version": __version__,
+                "extensions": ["binary_tensor_data", "classification", "model_configuration"]}
+
+    def model_metadata(self, model: LoadedModel) -> dict[str, Any]:
+        m = model.manifest
+        return {
+            "name": m.name,
+            "versions": self.registry.versions(m.name),
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {"name": m.input.name, "datatype": m.input.datatype, "shape": m.input.shape},
+                {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            ],
+            "outputs": [{"name": o.name, "datatype": o.datatype, "shape": o.shape} for o in m.outputs],
+            "parameters": {"task": m.task, "execution_provider": model.provider},
+        }
+
+    def model_config(self, model: LoadedModel) -> dict[str, Any]:
+        """Triton-style model configuration."""
+        m = model.manifest
+        gpu = model.provider != "CPUExecutionProvider"
+        return {
+            "name": m.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "version_policy": {"latest": {"num_versions": 1}},
+            "max_batch_size": model.max_batch_size,
+            "input": [{"name": m.input.name, "data_type": f"TYPE_{m.input.datatype}",
+                       "format": f"FORMAT_{m.input.layout}", "dims": m.input.shape[1:]},
+                      {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1], "optional": True}],
+            "output": [{"name": o.name, "data_type": f"TYPE_{o.datatype}", "dims": o.shape[1:]}
+                       for o in m.outputs],
+            "instance_group": [{"name": m.name, "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                                "count": len(model.runners)}],
+            "dynamic_batching": {"max_queue_delay_microseconds": int(model.config.max_batch_delay_ms * 1000),
+                                 "default_queue_policy": {"max_queue_size": model.config.max_queue}},
+            "parameters": {"execution_provider": {"string_value": model.provider},
+                           "task": {"string_value": m.task}},
+        }
+
+    def list_models(self) -> list[dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for model in self.registry.models():
+            m = model.manifest
+            entry = out.setdefault(m.name, {
+                "name": m.name, "versions": [], "task": m.task, "input": {"name": m.input.name,
+                                                                           "shape": m.input.shape},
+                "state": "READY", "execution_provider": model.provider, "max_batch_size": model.max_batch_size,
+                "instances": len(model.runners), "labels": len(m.labels),
+            })
+            entry["versions"].append(m.version)
+            entry["latest_version"] = m.version
+            entry["input"] = {"name": m.input.name, "shape": m.input.shape, "datatype": m.input.datatype}
+            entry["execution_provider"] = model.provider
+        return list(out.values())
+
+
+def classification_strings(model: LoadedModel, output: np.ndarray, k: int) -> np.ndarray:
+    """Triton's classification extension: ``"score:index:label"`` strings, [N, k]."""
+    rows = [[f"{p['score']:f}:{p['index']}:{p['label']}" for p in top_k(model.manifest, row, k)]
+            for row in output]
+    return np.array(rows, dtype=object)
+
+
+def _outcome(e: VisionServeError) -> str:
+    name = type(e).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")

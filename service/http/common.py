@@ -1,0 +1,70 @@
+"""What every route needs: body reading with a size limit, API key, deadlines, error responses."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from ..dataplane import DataPlane
+from ..errors import InvalidParameter, PayloadTooLarge, Unauthorized, VisionServeError
+
+
+def dataplane(request: Request) -> DataPlane:
+    return request.app.state.dataplane  # type: ignore[no-any-return]
+
+
+def error_response(e: VisionServeError) -> JSONResponse:
+    return JSONResponse({"error": e.message}, status_code=e.status_code, headers=e.headers or None)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise InvalidParameter(f"invalid Content-Length {declared!r}") from None
+        if n > limit:
+            raise PayloadTooLarge(f"body of {n} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_api_key(request: Request) -> None:
+    key = request.app.state.settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("x-api-key")
+    if given is None:
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+    if not given:
+        raise Unauthorized("missing API key: send header X-API-Key (or Authorization: Bearer)")
+    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise Unauthorized("wrong API key")
+
+
+def deadline(request: Request) -> float | None:
+    """``X-Request-Timeout-Ms`` (or the configured default) as a monotonic deadline."""
+    raw = request.headers.get("x-request-timeout-ms")
+    if raw is None:
+        default = request.app.state.settings.default_timeout_ms
+        return None if default is None else time.monotonic() + default / 1000.0
+    try:
+        ms = float(raw)
+    except ValueError:
+        raise InvalidParameter(f"X-Request-Timeout-Ms must be a number of milliseconds, got {raw!r}") from None
+    if not 0 < ms <= 3_600_000:
+        raise InvalidParameter(f"X-Request-Timeout-Ms must be in (0, 3600000], got {raw!r}")
+    return time.monotonic() + ms / 1000.0

@@ -1,0 +1,145 @@
+"""The registry owns model lifecycles: load, warm up, look up, unload. Nothing else opens a model file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .batcher import Batcher, BatchStats
+from .errors import ModelNotFound, Unavailable
+from .imaging import Preprocessor
+from .manifest import Manifest
+from .metrics import Metrics
+from .repository import ModelEntry, scan
+from .runtime import Runner, default_threads
+from .settings import ModelSettings, Settings
+
+log = logging.getLogger("visionserve.registry")
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    directory: Path
+    config: ModelSettings
+    runners: list[Runner]
+    batcher: Batcher
+    preprocessor: Preprocessor
+    load_seconds: float = 0.0
+    ready: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batcher.max_batch_size
+
+    @property
+    def provider(self) -> str:
+        return self.runners[0].provider
+
+
+class Registry:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._models: dict[tuple[str, str], LoadedModel] = {}
+        self.ready = False
+        self.error: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def load_all(self) -> None:
+        """Load and warm up every model in the repository; readiness turns true only after all of them."""
+        entries = await asyncio.to_thread(scan, self.settings.repository, verify_checksum=True)
+        if not entries:
+            raise FileNotFoundError(f"no models in repository {self.settings.repository}")
+        for entry in entries:
+            model = await asyncio.to_thread(self._load, entry)
+            model.batcher.start()
+            self._models[(model.name, model.version)] = model
+            model.ready = True
+            self.metrics.ready.labels(model.name, model.version).set(1)
+            log.info("model %s version %s ready on %s in %.2f s (max batch %d, %d instance(s))", model.name,
+                     model.version, model.provider, model.load_seconds, model.max_batch_size,
+                     len(model.runners))
+        self.ready = True
+
+    def _load(self, entry: ModelEntry) -> LoadedModel:
+        started = time.perf_counter()
+        m = entry.manifest
+        cfg = self.settings.for_model(m.name)
+        threads = default_threads(cfg)
+        runners = [Runner(entry.model_path, cfg, threads=threads) for _ in range(cfg.instances)]
+        # torchvision's post-processed detectors answer for one image, without a batch axis
+        split = not (m.task == "detect" and getattr(m.postprocess, "format", "") == "torchvision")
+        max_batch = (cfg.max_batch_size or m.max_batch_size) if split else 1
+        labels = (m.name, m.version)
+        metrics = self.metrics
+
+        def on_batch(stats: BatchStats) -> None:
+            metrics.batch_size.labels(*labels).observe(stats.size)
+            metrics.inference.labels(*labels).observe(stats.inference_s)
+            for w in stats.queue_waits:
+                metrics.queue_wait.labels(*labels).observe(w)
+
+        batcher = Batcher(
+            [r.run for r in runners], max_batch_size=max_batch, max_queue=cfg.max_queue,
+            max_delay_s=cfg.max_batch_delay_ms / 1000.0, split_outputs=split,
+            on_batch=on_batch, name=m.name,
+        )
+        pre = Preprocessor(m.input, m.preprocess, max_pixels=self.settings.max_pixels,
+                           draft=self.settings.jpeg_draft)
+        if self.settings.warmup:
+            shape = [d if d > 0 else 1 for d in m.input.shape[1:]]
+            for r in runners:
+                for n in sorted({1, max_batch}):
+                    r.run(np.zeros((n, *shape), dtype=np.float32))
+        model = LoadedModel(m, entry.directory, cfg, runners, batcher, pre)
+        model.load_seconds = time.perf_counter() - started
+        metrics.load_seconds.labels(*labels).set(model.load_seconds)
+        metrics.queue_depth.labels(*labels).set_function(lambda: batcher.depth)
+        metrics.info.labels(*labels, model.provider).set(1)
+        return model
+
+    async def close(self) -> None:
+        """Finish every accepted request, then stop."""
+        self.ready = False
+        await asyncio.gather(*(m.batcher.stop() for m in self._models.values()))
+
+    # -- lookup --------------------------------------------------------------------------------------
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
+        if not self.ready and not self._models:
+            raise Unavailable("models are still loading", retry_after_s=2)
+        if version is None:
+            versions = self.versions(name)
+            if not versions:
+                raise ModelNotFound(f"unknown model {name!r}; available: {sorted(self.names())}")
+            version = versions[-1]
+        model = self._models.get((name, version))
+        if model is None:
+            if not self.versions(name):
+                raise ModelNotFound(f"unknown model {name!r}; available: {sorted(self.names())}")
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {self.versions(name)}")
+        return model
+
+    def names(self) -> set[str]:
+        return {n for n, _ in self._models}
+
+    def versions(self, name: str) -> list[str]:
+        return sorted((v for n, v in self._models if n == name), key=int)
+
+    def models(self) -> list[LoadedModel]:
+        return [self._models[k] for k in sorted(self._models, key=lambda k: (k[0], int(k[1])))]
+

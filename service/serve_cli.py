@@ -1,0 +1,57 @@
+"""``visionserve serve``: validate settings and the repository, then run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli_util import fail
+
+Opt = typer.Option
+
+
+def serve(
+    repository: Annotated[Path | None, Opt("--repository", "-r", help="model repository to serve")] = None,
+    host: Annotated[str | None, Opt(help="address to bind (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, Opt(help="port (default 8000)")] = None,
+    config: Annotated[Path | None, Opt(help="settings file (YAML, TOML or JSON)")] = None,
+    max_batch_size: Annotated[int | None, Opt(help="default max batch size for every model")] = None,
+    instances: Annotated[int | None, Opt(help="ONNX Runtime sessions per model")] = None,
+    log_level: Annotated[str | None, Opt(help="debug, info, warning or error")] = None,
+) -> None:
+    """Serve every model in a repository (native API, Open Inference Protocol, /metrics).
+
+    Every option is also an env var VISIONSERVE_<OPTION> (e.g. VISIONSERVE_PORT); see the README for the
+    full settings list.
+    """
+    import uvicorn
+
+    from .repository import RepositoryError, scan
+    from .settings import ConfigError, load_settings
+
+    defaults: dict[str, object] = {}
+    if max_batch_size is not None:
+        defaults["max_batch_size"] = max_batch_size
+    if instances is not None:
+        defaults["instances"] = instances
+    try:
+        settings = load_settings(config, repository=repository, host=host, port=port, log_level=log_level)
+        if defaults:
+            settings = load_settings(config, repository=repository, host=host, port=port, log_level=log_level,
+                                     defaults=settings.defaults.model_copy(update=defaults).model_dump())
+        entries = scan(settings.repository)
+    except (ConfigError, RepositoryError) as e:
+        fail(str(e))
+    if not entries:
+        fail(f"no models in repository {settings.repository} (build one with `visionserve convert` or "
+             "`make models`)")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from .http.app import create_app
+
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.graceful_timeout_s or None, access_log=False)

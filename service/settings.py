@@ -1,0 +1,150 @@
+"""Typed settings from one place: CLI flags > ``VISIONSERVE_*`` env vars > config file > defaults.
+
+Per-model settings (batching, instances, execution providers) come from ``defaults`` overridden by
+``models.<name>``; env vars reach nested fields with ``__``, e.g.
+``VISIONSERVE_DEFAULTS__MAX_BATCH_SIZE=16`` or ``VISIONSERVE_MODELS__MOBILENET_V2__INSTANCES=2``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+Provider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class ModelSettings(BaseModel):
+    """How one model is run. Any field left unset falls back to ``defaults``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    """Largest batch the batcher forms (default: the manifest's)."""
+    max_batch_delay_ms: float = Field(default=0.0, ge=0, le=1000)
+    """Extra wait for a fuller batch. 0: never wait while the engine is idle (a lone request runs at once)."""
+    instances: int = Field(default=1, ge=1, le=16)
+    """Parallel ONNX Runtime sessions for this model."""
+    max_queue: int = Field(default=256, ge=1)
+    """Requests waiting beyond this are refused at once with 503 + Retry-After."""
+    providers: list[Provider] = Field(
+        default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    """Execution providers in order of preference; those this onnxruntime build lacks are skipped."""
+    intra_op_threads: int = Field(default=0, ge=0)
+    """Threads per session for one operator (0: cores / instances)."""
+    inter_op_threads: int = Field(default=1, ge=0)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    device_id: int = Field(default=0, ge=0)
+    trt_fp16: bool = False
+    trt_int8: bool = False
+    trt_engine_cache: str | None = None
+    """Directory for TensorRT engines (keep it on a volume: building an engine takes minutes)."""
+    trt_max_workspace_bytes: int = Field(default=1 << 30, ge=1 << 20)
+
+
+class Settings(BaseSettings):
+    """Server settings, validated at start."""
+
+    model_config = SettingsConfigDict(env_prefix="VISIONSERVE_", env_nested_delimiter="__", extra="forbid")
+
+    repository: Path = Path("model_repository")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: SecretStr | None = None
+    """When set, inference endpoints need header ``X-API-Key`` (or ``Authorization: Bearer``)."""
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=40_000_000, ge=1024)
+    """Decoded image size limit (decompression bombs get 413)."""
+    decode_threads: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)
+    jpeg_draft: bool = True
+    """Decode large JPEGs at 1/2, 1/4 or 1/8 scale when the model input is much smaller."""
+    warmup: bool = True
+    default_timeout_ms: int | None = Field(default=None, ge=1)
+    """Deadline for requests that send no ``X-Request-Timeout-Ms``."""
+    max_top_k: int = Field(default=1000, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    graceful_timeout_s: float = Field(default=30.0, ge=0)
+    defaults: ModelSettings = Field(default_factory=ModelSettings)
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-model overrides of ``defaults``, by model name."""
+
+    @field_validator("models")
+    @classmethod
+    def _valid_overrides(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, over in v.items():
+            try:
+                ModelSettings(**over)
+            except Exception as e:
+                raise ValueError(f"models.{name}: {e}") from None
+        return v
+
+    def for_model(self, name: str) -> ModelSettings:
+        over = self.models.get(name) or self.models.get(name.upper()) or self.models.get(name.lower()) or {}
+        return self.defaults.model_copy(update=ModelSettings(**over).model_dump(exclude_unset=True))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message lists what and where."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build validated settings; raises ConfigError with every problem listed."""
+    from pydantic import ValidationError
+
+    file_values = read_config_file(config_file) if config_file else {}
+
+    class FromFile(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=file_values))
+
+    try:
+        return FromFile(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+                             for err in e.errors())
+        raise ConfigError(f"invalid settings: {problems}") from None
