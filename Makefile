@@ -47,5 +47,13 @@ lint: setup
 bench: models
 	$(BIN)/python benchmarks/serve_vs_ceiling.py --repository $(REPO)
 
+## test-container: build the cpu image with podman, run it, classify over HTTP, SIGTERM it (skips without podman)
+test-container: setup
+	REPO=$(REPO) bash tests/container/test_container.sh
+
+## test-arm64: run the server on aarch64 under qemu-user-static and compare with x86 (skips without qemu)
+test-arm64: setup
+	REPO=$(REPO) HOST_PY=$(abspath $(BIN))/python bash tests/container/test_arm64.sh
+
 clean:
 	rm -rf $(REPO) build *.egg-info

@@ -53,7 +53,7 @@ ensure_base_image() {
     local include="python3,python3-venv,python3-pip,ca-certificates"
     local mirror key tarball image
     mirror=$(debian_mirror)
-    key=$(printf '%s\n' v1 "$VS_SUITE" "$arch" minbase "$include" "$mirror" | sha256sum | cut -c1-12)
+    key=$(printf '%s\n' v2 "$VS_SUITE" "$arch" minbase "$include" "$mirror" | sha256sum | cut -c1-12)
     tarball="$VS_TMP/cache/base-$VS_SUITE-$arch-$key.tar"
     image="localhost/visionserve-base:$VS_SUITE-$arch-$key"
     if podman image exists "$image"; then
@@ -68,8 +68,10 @@ ensure_base_image() {
         debootstrap --arch="$arch" --variant=minbase --include="$include" "$VS_SUITE" "$rootfs" "$mirror" \
             >"$VS_TMP/cache/debootstrap-$key.log" 2>&1 \
             || { tail -20 "$VS_TMP/cache/debootstrap-$key.log" >&2; die "debootstrap failed"; }
-        # Nothing of the build machine's apt caches goes into the image.
-        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+        # No apt caches, and no docs, man pages or translations (as in the python:*-slim images).
+        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+            "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
+            "$rootfs"/usr/share/locale/*
         tar -C "$rootfs" -cf "$tarball.partial" . && mv "$tarball.partial" "$tarball"
         rm -rf "$rootfs"
     fi
