@@ -1,0 +1,100 @@
+"""A compact single-shot detector for the shapes dataset: FCOS-style, anchor-free, one stride-8 level.
+
+Backbone: MobileNet-like depthwise-separable blocks down to stride 32; a small FPN folds strides 32 and 16
+back into stride 8, where one head predicts, per location, class logits, box distances (left, top,
+right, bottom) and centerness. ``forward`` decodes in the graph, so the exported ONNX model has the
+``visionserve`` detection layout:
+
+- ``boxes``  [N, A, 4]: x1, y1, x2, y2 in input-tensor pixels;
+- ``scores`` [N, A, C]: sqrt(sigmoid(class) * sigmoid(centerness)), per class.
+
+NMS is left to the server (vectorised numpy, per image), so the graph stays batchable.
+
+    visionserve convert --task detect --module examples.shapes_detector:build \\
+        --weights examples/shapes_detector.pt --labels examples/shapes_labels.txt ...
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CLASSES = ("circle", "square", "triangle", "star")
+INPUT_SIZE = 256
+STRIDE = 8
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                               nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class Separable(nn.Module):
+    """Depthwise 3x3 + pointwise 1x1 (MobileNetV1 style), residual when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.dw = conv_bn(cin, cin, 3, stride, groups=cin)
+        self.pw = conv_bn(cin, cout, 1, act=stride != 1 or cin != cout)
+        self.residual = stride == 1 and cin == cout
+        self.act = nn.ReLU(inplace=True) if self.residual else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pw(self.dw(x))
+        return self.act(y + x) if self.residual else y
+
+
+class ShapesDetector(nn.Module):
+    def __init__(self, num_classes: int = len(CLASSES), input_size: int = INPUT_SIZE, neck: int = 64) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.stem = nn.Sequential(conv_bn(3, 16, 3, 2), Separable(16, 24, 2), Separable(24, 24))  # /4
+        self.c3 = nn.Sequential(Separable(24, 48, 2), Separable(48, 48))  # /8
+        self.c4 = nn.Sequential(Separable(48, 96, 2), Separable(96, 96), Separable(96, 96))  # /16
+        self.c5 = nn.Sequential(Separable(96, 128, 2), Separable(128, 128), Separable(128, 128))  # /32
+        self.lat3 = conv_bn(48, neck, 1)
+        self.lat4 = conv_bn(96, neck, 1)
+        self.lat5 = conv_bn(128, neck, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.smooth = nn.Sequential(Separable(neck, neck), Separable(neck, neck))
+        self.tower = conv_bn(neck, neck, 3)
+        self.cls = nn.Conv2d(neck, num_classes, 3, padding=1)
+        self.reg = nn.Conv2d(neck, 4, 3, padding=1)
+        self.ctr = nn.Conv2d(neck, 1, 3, padding=1)
+        nn.init.constant_(self.cls.bias, -4.6)  # prior probability 0.01, as RetinaNet/FCOS
+        nn.init.constant_(self.reg.bias, 1.0)
+        side = input_size // STRIDE
+        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        centers = torch.stack([xs, ys], -1).reshape(-1, 2).float().add(0.5).mul(STRIDE)
+        self.register_buffer("centers", centers, persistent=False)  # [A, 2] x, y of each location
+
+    def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-location logits [N, A, C], log-distances [N, A, 4] and centerness logits [N, A]."""
+        c3 = self.c3(self.stem(x))
+        c4 = self.c4(c3)
+        c5 = self.c5(c4)
+        p4 = self.lat4(c4) + self.up(self.lat5(c5))
+        p3 = self.smooth(self.lat3(c3) + self.up(p4))
+        t = self.tower(p3)
+
+        def flat(y: torch.Tensor) -> torch.Tensor:
+            return y.flatten(2).transpose(1, 2)
+
+        return flat(self.cls(t)), flat(self.reg(t)), flat(self.ctr(t)).squeeze(-1)
+
+    def decode(self, reg: torch.Tensor) -> torch.Tensor:
+        d = torch.exp(reg.clamp(max=6.0)) * STRIDE
+        return torch.cat([self.centers - d[..., :2], self.centers + d[..., 2:]], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, reg, ctr = self.raw(x)
+        scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr).unsqueeze(-1))
+        return self.decode(reg), scores
+
+
+def build() -> ShapesDetector:
+    """Factory for ``visionserve convert --module examples.shapes_detector:build``."""
+    return ShapesDetector()
