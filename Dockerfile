@@ -16,7 +16,7 @@
 # docs/deploy.md has the build and run commands; tests/container/test_container.sh builds and runs `cpu`.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG JETSON_BASE_IMAGE=nvcr.io/nvidia/l4t-jetpack:r36.4.0
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,6 +106,8 @@ RUN python3 -m venv /opt/visionserve \
  && /opt/visionserve/bin/pip uninstall -y onnxruntime \
  && /opt/visionserve/bin/pip install "onnxruntime-gpu==${ORT_GPU_VERSION}" ${TENSORRT_PIP} \
  && /opt/visionserve/bin/python -c "import onnxruntime as ort; print(ort.__version__, ort.get_available_providers())" \
+ && for d in /opt/visionserve/lib/python3*/site-packages/tensorrt_libs; do \
+        if [ -d "$d" ]; then ln -s "$d" /opt/visionserve/tensorrt_libs; fi; done \
  && rm -rf /wheels \
  && useradd --uid 10001 --gid 0 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin visionserve \
  && mkdir -p /models /cache/tensorrt && chown 10001:0 /cache/tensorrt && chmod 0775 /cache/tensorrt
@@ -121,7 +123,7 @@ ENV PATH=/opt/visionserve/bin:$PATH \
     VISIONSERVE_DEFAULTS__PROVIDERS='["TensorrtExecutionProvider","CUDAExecutionProvider","CPUExecutionProvider"]' \
     VISIONSERVE_DEFAULTS__TRT_ENGINE_CACHE=/cache/tensorrt
 # TensorRT from the pip wheel (tensorrt_libs) is not on the loader's default path.
-ENV LD_LIBRARY_PATH=/opt/visionserve/lib/python3.10/site-packages/tensorrt_libs:${LD_LIBRARY_PATH}
+ENV LD_LIBRARY_PATH=/opt/visionserve/tensorrt_libs:${LD_LIBRARY_PATH}
 # Built engines are slow to make (minutes) and tied to GPU + TensorRT version: keep them on a volume.
 VOLUME ["/cache/tensorrt"]
 USER 10001:0
