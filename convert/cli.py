@@ -26,10 +26,12 @@ def convert(
     version: Annotated[str | None, Opt(help="version to write (default: next)")] = None,
     input_size: Annotated[str, Opt(help="model input, 'S' or 'HxW'")] = "224",
     resize: Annotated[int | None, Opt(help="shorter side before the center crop (default input*256/224)")] = None,
-    resize_policy: Annotated[str, Opt(help="shorter_side_center_crop, stretch or letterbox")] = (
-        "shorter_side_center_crop"),
-    mean: Annotated[str, Opt(help="per-channel mean, after scale")] = "0.485,0.456,0.406",
-    std: Annotated[str, Opt(help="per-channel std, after scale")] = "0.229,0.224,0.225",
+    resize_policy: Annotated[str | None, Opt(help="shorter_side_center_crop, stretch or letterbox (default: "
+                                                   "center crop to classify, per --detect-format to detect)")] = None,
+    mean: Annotated[str | None, Opt(help="per-channel mean, after scale (default ImageNet's; 0 for "
+                                           "yolo/torchvision detectors)")] = None,
+    std: Annotated[str | None, Opt(help="per-channel std, after scale (default ImageNet's; 1 for "
+                                          "yolo/torchvision detectors)")] = None,
     scale: Annotated[float, Opt(help="multiplies 0-255 pixels before mean/std")] = 1 / 255,
     channel_order: Annotated[str, Opt(help="RGB or BGR")] = "RGB",
     activation: Annotated[str, Opt(help="classifier output → probabilities: softmax, sigmoid, none")] = "softmax",
@@ -39,6 +41,14 @@ def convert(
     rtol: Annotated[float, Opt(help="parity: relative tolerance")] = 1e-3,
     max_batch_size: Annotated[int, Opt(help="largest batch the server will form")] = 32,
     overwrite: Annotated[bool, Opt(help="replace an existing version")] = False,
+    detect_format: Annotated[str, Opt(help="detect: visionserve, yolo or torchvision (see docs/detection.md)")] = (
+        "visionserve"),
+    output_names: Annotated[str | None, Opt(help="detect: comma-separated output names (default per format)")] = None,
+    score_activation: Annotated[str, Opt(help="detect: none (scores are probabilities), sigmoid or softmax")] = "none",
+    objectness: Annotated[bool, Opt(help="detect, yolo: the head has an objectness channel (YOLOv5)")] = False,
+    label_offset: Annotated[int, Opt(help="detect: added to class indices before the label lookup")] = 0,
+    onnx_file: Annotated[Path | None, Opt("--onnx", help="detect: add an ONNX file exported elsewhere "
+                                                             "(no parity proof)")] = None,
 ) -> None:
     """Export a PyTorch model to ONNX, prove parity with PyTorch, and add it to a model repository."""
     from pydantic import ValidationError
@@ -54,14 +64,25 @@ def convert(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if task not in ("classify", "detect"):
         fail(f"--task must be classify or detect, got {task!r}")
-    if task == "detect":
-        fail("--task detect: use a detector recipe (see README, object detection)")
     h, w = parse_size(input_size, "--input-size")
+    if task == "detect":
+        from .detect_cli import convert_detect
+
+        convert_detect(
+            repository=repository, name=name, arch=arch, module=module, torchscript=torchscript, weights=weights,
+            onnx_file=onnx_file, labels=labels, num_classes=num_classes, version=version, size=(h, w),
+            resize_policy=resize_policy, mean=mean, std=std, scale=scale, channel_order=channel_order,
+            detect_format=detect_format, output_names=output_names, score_activation=score_activation,
+            objectness=objectness, label_offset=label_offset, exporter=exporter, opset=opset, atol=atol,
+            rtol=rtol, max_batch_size=max_batch_size, overwrite=overwrite,
+        )
+        return
     try:
         pre = Preprocess(
-            resize_policy=resize_policy,  # type: ignore[arg-type]
+            resize_policy=resize_policy or "shorter_side_center_crop",  # type: ignore[arg-type]
             resize=resize if resize is not None else round(min(h, w) * 256 / 224),
-            mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"), scale=scale,
+            mean=parse_triple(mean or "0.485,0.456,0.406", "--mean"),
+            std=parse_triple(std or "0.229,0.224,0.225", "--std"), scale=scale,
             channel_order=channel_order,  # type: ignore[arg-type]
         )
         label_list = read_labels(labels) if labels else []

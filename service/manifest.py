@@ -91,6 +91,9 @@ class DetectPostprocess(_Strict):
     nms: Literal["server", "in_graph", "none"] = "server"
     objectness: bool = False
     label_offset: int = Field(default=0, description="added to a decoded class index before the label lookup")
+    score_activation: Literal["none", "sigmoid", "softmax"] = Field(
+        default="none", description="what turns the score outputs into probabilities (none: already are)"
+    )
 
 
 Postprocess = Annotated[ClassifyPostprocess | DetectPostprocess, Field(discriminator="kind")]
