@@ -32,7 +32,8 @@ def convert_detect(*, repository: Path, name: str, arch: str | None, module: str
     if detect_format not in ("visionserve", "yolo", "torchvision"):
         fail(f"--detect-format must be visionserve, yolo or torchvision, got {detect_format!r}")
     if detect_format == "torchvision" and not (arch or onnx_file):
-        fail("--detect-format torchvision takes a torchvision detector: --arch NAME (e.g. ssdlite320_mobilenet_v3_large)")
+        fail("--detect-format torchvision takes a torchvision detector: --arch NAME "
+             "(e.g. ssdlite320_mobilenet_v3_large)")
     names = [n.strip() for n in output_names.split(",")] if output_names else default_outputs(detect_format)
     h, w = size
     try:
@@ -51,7 +52,8 @@ def convert_detect(*, repository: Path, name: str, arch: str | None, module: str
                                                          "torchvision" else [])
         if onnx_file:
             if arch or module or torchscript or weights:
-                fail("--onnx takes an ONNX file as it is; do not combine it with --arch/--module/--torchscript/--weights")
+                fail("--onnx takes an ONNX file as it is; "
+                     "do not combine it with --arch/--module/--torchscript/--weights")
             entry = import_onnx_detector(onnx_file, repository, name, post, pre, label_list, version=version,
                                          max_batch_size=max_batch_size, overwrite=overwrite)
         else:

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .imaging import Geometry, decode as decode_image
+from .imaging import Geometry
+from .imaging import decode as decode_image
 from .manifest import DetectPostprocess, Manifest
 
 PRE_NMS_TOP_K = 1000  # candidates kept, by score, before NMS: bounds the O(K²) IoU matrix
