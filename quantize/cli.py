@@ -1,0 +1,241 @@
+"""``visionserve quantize | prune | evaluate | optimize``. Imports torch / onnxruntime only when a command runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from service.cli_util import fail
+
+Opt = typer.Option
+Arg = typer.Argument
+
+
+def _setup_logging() -> None:
+    # our progress at INFO; onnxruntime.quantization logs a lot at INFO/WARNING through the root logger
+    logging.basicConfig(level=logging.ERROR, format="%(message)s", force=True)
+    for ours in ("visionserve.quantize", "visionserve.convert"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+
+
+def quantize(
+    model: Annotated[str, Arg(help="repository model NAME[:VERSION], or an .onnx file")],
+    repository: Annotated[Path, Opt("--repository", "-r", help="model repository (read and written)")],
+    calibration: Annotated[str, Opt(help="folder of calibration images, or 'natural' (built-in photo crops)")],
+    eval: Annotated[Optional[str], Opt("--eval", help="held-out images (ImageFolder for accuracy), or 'natural'")
+                    ] = None,
+    max_drop: Annotated[float, Opt(help="largest allowed drop (fraction): accuracy with labels, else "
+                                        "top-1 disagreement on confident images")] = 0.01,
+    target: Annotated[str, Opt(help="auto, x86-novnni, x86-vnni, arm or tensorrt")] = "auto",
+    method: Annotated[str, Opt(help="calibration: minmax, entropy or percentile")] = "minmax",
+    name: Annotated[Optional[str], Opt(help="name of the new entry (default <model>_int8)")] = None,
+    version: Annotated[Optional[str], Opt(help="version to write (default: next)")] = None,
+    limit: Annotated[int, Opt(help="use at most this many calibration images")] = 256,
+    eval_limit: Annotated[int, Opt(help="use at most this many evaluation images")] = 600,
+    max_excluded: Annotated[float, Opt(help="share of weighted nodes the guard may keep in float")] = 0.25,
+    exclude: Annotated[Optional[str], Opt(help="nodes to keep in float from the start, comma-separated")] = None,
+    reduce_range: Annotated[Optional[bool], Opt("--reduce-range/--no-reduce-range",
+                                                help="7-bit weights (default: as the target says)")] = None,
+    per_channel: Annotated[bool, Opt("--per-channel/--per-tensor")] = True,
+    labels: Annotated[Optional[Path], Opt(help="class names for an .onnx input, one per line")] = None,
+    no_guard: Annotated[bool, Opt("--no-guard", help="skip the accuracy guard (not recommended)")] = False,
+    threads: Annotated[int, Opt(help="ONNX Runtime threads for evaluation and timing")] = 2,
+    overwrite: Annotated[bool, Opt(help="replace an existing version")] = False,
+) -> None:
+    """Static int8 (QDQ) quantization with an accuracy guard; writes a new repository entry."""
+    _setup_logging()
+    from pydantic import ValidationError
+
+    from service.repository import RepositoryError
+
+    from .data import DatasetError, open_set
+    from .int8 import QuantizeError, detect_target, settings_for
+    from .models import resolve
+    from .pipeline import QuantizeJob, run_quantize
+
+    try:
+        label_list = [s.strip() for s in labels.read_text().splitlines() if s.strip()] if labels else None
+        entry = resolve(model, repository, label_list)
+        if entry.manifest.task != "classify":
+            fail(f"quantize handles classifiers; {entry.manifest.name} is a {entry.manifest.task} model")
+        tgt = detect_target() if target == "auto" else target
+        overrides: dict[str, object] = {"per_channel": per_channel}
+        if reduce_range is not None:
+            overrides["reduce_range"] = reduce_range
+        if exclude:
+            overrides["nodes_to_exclude"] = tuple(n.strip() for n in exclude.split(",") if n.strip())
+        settings = settings_for(tgt, method, **overrides)
+        cal = _limit(open_set(calibration, role="calibration", count=limit), limit)
+        ev = _limit(open_set(eval, role="evaluation", count=eval_limit), eval_limit) if eval else None
+        if ev is None and not no_guard:
+            cal, ev = _hold_out(cal)
+            typer.echo(f"no --eval: holding out {len(ev)} of the calibration images for the guard")
+        job = QuantizeJob(
+            source=entry, repository=repository, name=name or f"{entry.manifest.name}_int8",
+            calibration=cal, evaluation=ev, settings=settings, max_drop=None if no_guard else max_drop,
+            max_excluded=max_excluded, version=version, overwrite=overwrite, threads=threads,
+            derived_from=None if model.endswith(".onnx") else
+            f"{entry.manifest.name}:{entry.manifest.version}",
+        )
+        result = run_quantize(job)
+    except (QuantizeError, DatasetError, RepositoryError, ValidationError, ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(_quantize_summary(result))
+
+
+def _limit(images, n: int):
+    if len(images) > n:
+        import numpy as np
+
+        keep = np.linspace(0, len(images) - 1, n).round().astype(int)
+        images.items = [images.items[i] for i in keep]
+        if images.targets is not None:
+            images.targets = [images.targets[i] for i in keep]
+    return images
+
+
+def _hold_out(images):
+    """Every fourth image becomes the evaluation set (disjoint from the rest, which calibrates)."""
+    from .data import ImageSet
+
+    if len(images) < 8:
+        raise ValueError(f"{images.source}: {len(images)} images are too few to hold some out for the "
+                         "guard; give --eval DIR (or --no-guard)")
+    idx = range(len(images))
+    ev = ImageSet([images.items[i] for i in idx if i % 4 == 3], images.source + " (held-out quarter)")
+    cal = ImageSet([images.items[i] for i in idx if i % 4 != 3], images.source + " (three quarters)")
+    return cal, ev
+
+
+def _quantize_summary(result) -> str:
+    m = result.entry.manifest
+    lines = [f"wrote {result.entry.directory} ({result.seconds:.0f} s)"]
+    if result.first_fidelity is not None:
+        lines.append(f"  all quantized: {result.first_fidelity.summary()}")
+    if result.fidelity is not None:
+        f = result.fidelity
+        lines.append(f"  final:         {f.summary()}; {f.drop_kind} {f.drop:.2%}")
+    q = m.provenance.notes.get("quantization", {})
+    lines.append(f"  settings: target {q.get('target')}, {q.get('activation_type')} activations × "  # type: ignore[union-attr]
+                 f"{q.get('weight_type')} weights, reduce_range {q.get('reduce_range')}, "  # type: ignore[union-attr]
+                 f"method {q.get('method')}")  # type: ignore[union-attr]
+    lines.append(f"  kept in float: {', '.join(result.excluded) if result.excluded else 'nothing'}")
+    sp = result.speed
+    if sp:
+        lines.append(f"  batch 8: fp32 {sp['fp32']['b8_ms']:.1f} ms, int8 {sp['int8']['b8_ms']:.1f} ms "
+                     f"(× {sp['ratio']['int8_vs_fp32_b8']:.2f} throughput)")
+        if "int8_all_quantized" in sp:
+            lines.append(f"  keeping those in float costs × {sp['ratio']['float_nodes_cost_b8']:.2f} latency "
+                         f"vs all quantized ({sp['int8_all_quantized']['b8_ms']:.1f} ms)")
+    return "\n".join(lines)
+
+
+def evaluate(
+    model: Annotated[str, Arg(help="repository model NAME[:VERSION], or an .onnx file")],
+    dataset: Annotated[Path, Opt("--dataset", "-d", help="ImageFolder (classification)")],
+    repository: Annotated[Optional[Path], Opt("--repository", "-r", help="model repository")] = None,
+    labels: Annotated[Optional[Path], Opt(help="class names for an .onnx input")] = None,
+    limit: Annotated[Optional[int], Opt(help="evaluate at most this many images")] = None,
+    json_out: Annotated[Optional[Path], Opt("--json", help="also write the full result as JSON")] = None,
+    threads: Annotated[int, Opt(help="ONNX Runtime threads")] = 2,
+) -> None:
+    """Accuracy of a model on a labelled dataset (top-1/top-5, per class, confusions)."""
+    from service.repository import RepositoryError
+
+    from .data import DatasetError
+    from .evaluate import EvalOptions, render
+    from .evaluate import evaluate as run
+
+    try:
+        label_list = [s.strip() for s in labels.read_text().splitlines() if s.strip()] if labels else None
+        from .models import resolve
+
+        entry = resolve(model, repository, label_list)
+        result = run(entry, dataset, EvalOptions(threads=threads, limit=limit))
+    except (DatasetError, RepositoryError, OSError, ValueError) as e:
+        fail(str(e))
+    typer.echo(render(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def prune(
+    output: Annotated[Path, Opt("--output", "-o", help="where to save the pruned model (.pt, whole module)")],
+    arch: Annotated[Optional[str], Opt(help="torchvision architecture")] = None,
+    module: Annotated[Optional[str], Opt(help="any nn.Module: 'package.module:factory'")] = None,
+    weights: Annotated[Optional[Path], Opt(help="state_dict or checkpoint")] = None,
+    num_classes: Annotated[Optional[int], Opt(help="classes of a torchvision --arch")] = None,
+    target_macs: Annotated[Optional[float], Opt(help="keep this fraction of the MACs, e.g. 0.5")] = None,
+    ratio: Annotated[Optional[float], Opt(help="channel pruning ratio per layer, e.g. 0.3")] = None,
+    input_size: Annotated[int, Opt(help="square input side for tracing")] = 224,
+    round_to: Annotated[int, Opt(help="round channel counts to a multiple of this")] = 8,
+    finetune: Annotated[Optional[Path], Opt(help="ImageFolder to fine-tune on after pruning")] = None,
+    epochs: Annotated[int, Opt(help="fine-tuning epochs")] = 1,
+    lr: Annotated[float, Opt(help="fine-tuning learning rate")] = 1e-3,
+    distill: Annotated[bool, Opt("--distill/--no-distill", help="distil from the unpruned model")] = True,
+    torchscript: Annotated[Optional[Path], Opt(help="also write a TorchScript file (for convert)")] = None,
+) -> None:
+    """Structural channel pruning (Torch-Pruning, DepGraph); the classifier head is left alone."""
+    _setup_logging()
+    from .prune import PruneError, PruneOptions, run_prune
+
+    try:
+        result = run_prune(PruneOptions(
+            arch=arch, module=module, weights=weights, num_classes=num_classes, target_macs=target_macs,
+            ratio=ratio, input_size=input_size, round_to=round_to, finetune=finetune, epochs=epochs, lr=lr,
+            distill=distill, output=output, torchscript=torchscript,
+        ))
+    except (PruneError, OSError, ValueError) as e:
+        fail(str(e))
+    typer.echo(result.summary())
+
+
+def optimize(
+    repository: Annotated[Path, Opt("--repository", "-r", help="model repository to write into")],
+    name: Annotated[str, Opt("--name", "-n", help="name of the optimized entry")],
+    calibration: Annotated[str, Opt(help="calibration images folder, or 'natural'")],
+    arch: Annotated[Optional[str], Opt(help="torchvision architecture")] = None,
+    module: Annotated[Optional[str], Opt(help="any nn.Module: 'package.module:factory'")] = None,
+    weights: Annotated[Optional[Path], Opt(help="state_dict or checkpoint")] = None,
+    num_classes: Annotated[Optional[int], Opt(help="classes of a torchvision --arch")] = None,
+    labels: Annotated[Optional[Path], Opt(help="class names, one per line")] = None,
+    input_size: Annotated[int, Opt(help="square model input side")] = 224,
+    resize: Annotated[Optional[int], Opt(help="shorter side before the center crop")] = None,
+    mean: Annotated[str, Opt(help="per-channel mean")] = "0.485,0.456,0.406",
+    std: Annotated[str, Opt(help="per-channel std")] = "0.229,0.224,0.225",
+    eval: Annotated[Optional[str], Opt("--eval", help="held-out images (ImageFolder for accuracy)")] = None,
+    target_macs: Annotated[Optional[float], Opt(help="prune to this fraction of the MACs")] = None,
+    ratio: Annotated[Optional[float], Opt(help="prune with this channel ratio")] = None,
+    finetune: Annotated[Optional[Path], Opt(help="ImageFolder to fine-tune the pruned model on")] = None,
+    epochs: Annotated[int, Opt(help="fine-tuning epochs")] = 1,
+    max_drop: Annotated[float, Opt(help="accuracy guard budget for int8")] = 0.01,
+    target: Annotated[str, Opt(help="int8 target (auto, x86-novnni, x86-vnni, arm, tensorrt)")] = "auto",
+    method: Annotated[str, Opt(help="calibration method")] = "minmax",
+    report: Annotated[Path, Opt(help="directory for report.md and report.json")] = Path("optimize-report"),
+) -> None:
+    """prune? → convert → quantize → evaluate, with a report of size, MACs, latency and accuracy per stage."""
+    _setup_logging()
+    from service.cli_util import parse_triple
+    from service.repository import RepositoryError
+
+    from .data import DatasetError
+    from .int8 import QuantizeError
+    from .optimize import OptimizeOptions, run_optimize
+    from .prune import PruneError
+
+    try:
+        opts = OptimizeOptions(
+            repository=repository, name=name, calibration=calibration, evaluation=eval, arch=arch,
+            module=module, weights=weights, num_classes=num_classes, labels=labels, input_size=input_size,
+            resize=resize, mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"),
+            target_macs=target_macs, ratio=ratio, finetune=finetune, epochs=epochs, max_drop=max_drop,
+            target=target, method=method, report=report,
+        )
+        out = run_optimize(opts)
+    except (PruneError, QuantizeError, DatasetError, RepositoryError, OSError, ValueError) as e:
+        fail(str(e))
+    typer.echo(out)
