@@ -52,7 +52,7 @@ def quantize(
 
     from service.repository import RepositoryError
 
-    from .data import DatasetError, open_set
+    from .data import DatasetError, hold_out, open_set
     from .int8 import QuantizeError, detect_target, settings_for
     from .models import resolve
     from .pipeline import QuantizeJob, run_quantize
@@ -72,7 +72,7 @@ def quantize(
         cal = _limit(open_set(calibration, role="calibration", count=limit), limit)
         ev = _limit(open_set(eval, role="evaluation", count=eval_limit), eval_limit) if eval else None
         if ev is None and not no_guard:
-            cal, ev = _hold_out(cal)
+            cal, ev = hold_out(cal)
             typer.echo(f"no --eval: holding out {len(ev)} of the calibration images for the guard")
         job = QuantizeJob(
             source=entry, repository=repository, name=name or f"{entry.manifest.name}_int8",
@@ -96,19 +96,6 @@ def _limit(images, n: int):
         if images.targets is not None:
             images.targets = [images.targets[i] for i in keep]
     return images
-
-
-def _hold_out(images):
-    """Every fourth image becomes the evaluation set (disjoint from the rest, which calibrates)."""
-    from .data import ImageSet
-
-    if len(images) < 8:
-        raise ValueError(f"{images.source}: {len(images)} images are too few to hold some out for the "
-                         "guard; give --eval DIR (or --no-guard)")
-    idx = range(len(images))
-    ev = ImageSet([images.items[i] for i in idx if i % 4 == 3], images.source + " (held-out quarter)")
-    cal = ImageSet([images.items[i] for i in idx if i % 4 != 3], images.source + " (three quarters)")
-    return cal, ev
 
 
 def _quantize_summary(result) -> str:
@@ -136,7 +123,7 @@ def _quantize_summary(result) -> str:
 
 def evaluate(
     model: Annotated[str, Arg(help="repository model NAME[:VERSION], or an .onnx file")],
-    dataset: Annotated[Path, Opt("--dataset", "-d", help="ImageFolder (classification)")],
+    dataset: Annotated[Path, Opt("--dataset", "-d", help="ImageFolder (classify) or COCO .json (detect)")],
     repository: Annotated[Optional[Path], Opt("--repository", "-r", help="model repository")] = None,
     labels: Annotated[Optional[Path], Opt(help="class names for an .onnx input")] = None,
     limit: Annotated[Optional[int], Opt(help="evaluate at most this many images")] = None,
@@ -178,20 +165,30 @@ def prune(
     lr: Annotated[float, Opt(help="fine-tuning learning rate")] = 1e-3,
     distill: Annotated[bool, Opt("--distill/--no-distill", help="distil from the unpruned model")] = True,
     torchscript: Annotated[Optional[Path], Opt(help="also write a TorchScript file (for convert)")] = None,
+    resize: Annotated[Optional[int], Opt(help="fine-tuning preprocessing: shorter side before the crop")] = None,
+    mean: Annotated[str, Opt(help="fine-tuning preprocessing: per-channel mean")] = "0.485,0.456,0.406",
+    std: Annotated[str, Opt(help="fine-tuning preprocessing: per-channel std")] = "0.229,0.224,0.225",
 ) -> None:
     """Structural channel pruning (Torch-Pruning, DepGraph); the classifier head is left alone."""
     _setup_logging()
+    from service.cli_util import parse_triple
+    from service.manifest import Preprocess
+
+    from .data import DatasetError
     from .prune import PruneError, PruneOptions, run_prune
 
     try:
-        result = run_prune(PruneOptions(
+        pre = Preprocess(resize=resize or round(input_size * 256 / 224), mean=parse_triple(mean, "--mean"),
+                         std=parse_triple(std, "--std"))
+        result = run_prune(PruneOptions(preprocess=pre,
             arch=arch, module=module, weights=weights, num_classes=num_classes, target_macs=target_macs,
             ratio=ratio, input_size=input_size, round_to=round_to, finetune=finetune, epochs=epochs, lr=lr,
             distill=distill, output=output, torchscript=torchscript,
         ))
-    except (PruneError, OSError, ValueError) as e:
+    except (PruneError, DatasetError, OSError, ValueError) as e:
         fail(str(e))
     typer.echo(result.summary())
+    typer.echo(f"saved {output}" + (f" and {torchscript}" if torchscript else ""))
 
 
 def optimize(
@@ -219,6 +216,9 @@ def optimize(
 ) -> None:
     """prune? → convert → quantize → evaluate, with a report of size, MACs, latency and accuracy per stage."""
     _setup_logging()
+    from convert.export import ExportError
+    from convert.parity import ParityError
+    from convert.sources import SourceError
     from service.cli_util import parse_triple
     from service.repository import RepositoryError
 
@@ -236,6 +236,7 @@ def optimize(
             target=target, method=method, report=report,
         )
         out = run_optimize(opts)
-    except (PruneError, QuantizeError, DatasetError, RepositoryError, OSError, ValueError) as e:
+    except (PruneError, QuantizeError, DatasetError, RepositoryError, SourceError, ExportError, ParityError,
+            OSError, ValueError) as e:
         fail(str(e))
     typer.echo(out)

@@ -125,3 +125,19 @@ def load_tensors(images: ImageSet, prep: Preprocessor, progress: Callable[[int],
         if progress:
             progress(1)
     return out
+
+
+def hold_out(images: ImageSet, every: int = 4) -> tuple[ImageSet, ImageSet]:
+    """Split into (calibration, evaluation): every ``every``-th image is held out; labels are kept."""
+    if len(images) < 2 * every:
+        raise DatasetError(f"{images.source}: {len(images)} images are too few to hold some out for the "
+                           "accuracy guard; give an evaluation folder (--eval)")
+    idx = range(len(images))
+    keep = [i for i in idx if i % every != every - 1]
+    held = [i for i in idx if i % every == every - 1]
+
+    def subset(ix: list[int], what: str) -> ImageSet:
+        t = [images.targets[i] for i in ix] if images.targets is not None else None
+        return ImageSet([images.items[i] for i in ix], f"{images.source} ({what})", images.classes, t)
+
+    return subset(keep, f"all but every {every}th image"), subset(held, f"every {every}th image, held out")

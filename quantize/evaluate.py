@@ -84,8 +84,24 @@ def evaluate_classifier(entry: ModelEntry, dataset: Path, options: EvalOptions) 
     }
 
 
+@evaluator("detect")
+def evaluate_detector(entry: ModelEntry, dataset: Path, options: EvalOptions) -> dict[str, object]:
+    """COCO mAP: ``dataset`` is the annotations JSON; images in ``images/`` beside it, or beside it directly."""
+    from .evaluate_detect import evaluate_detection
+
+    if not dataset.is_file() or dataset.suffix.lower() != ".json":
+        raise DatasetError(f"a detector is evaluated on a COCO annotations .json file, got {dataset}")
+    images = dataset.parent / "images"
+    result = evaluate_detection(entry, dataset, images if images.is_dir() else dataset.parent,
+                                threads=options.threads)
+    return {"model": f"{entry.manifest.name}:{entry.manifest.version}", "task": "detect",
+            "dataset": str(dataset), **result}
+
+
 def render(result: dict[str, object]) -> str:
     """A short text summary for the terminal."""
+    if result.get("task") != "classify":
+        return "\n".join(f"{k}: {v}" for k, v in result.items() if not isinstance(v, (dict, list)))
     lines = [f"{result['model']} on {result['dataset']}: {result['images']} images, {result['classes']} classes",
              f"  top-1 {float(result['top1']):.2%}   top-5 {float(result['top5']):.2%}"]  # type: ignore[arg-type]
     per = result.get("per_class") or {}
