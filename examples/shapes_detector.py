@@ -6,7 +6,7 @@ right, bottom) and centerness. ``forward`` decodes in the graph, so the exported
 ``visionserve`` detection layout:
 
 - ``boxes``  [N, A, 4]: x1, y1, x2, y2 in input-tensor pixels;
-- ``scores`` [N, A, C]: sqrt(sigmoid(class) * sigmoid(centerness)), per class.
+- ``scores`` [N, A, C]: sigmoid(class) * sigmoid(centerness), per class.
 
 NMS is left to the server (vectorised numpy, per image), so the graph stays batchable.
 
@@ -91,7 +91,9 @@ class ShapesDetector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cls, reg, ctr = self.raw(x)
-        scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr).unsqueeze(-1))
+        # the product, not FCOS's sqrt of it: the ranking (and mAP) is the same, and at the API's default
+        # score_threshold 0.25 precision is 0.89 instead of 0.29 (recall 0.91 on the test split)
+        scores = torch.sigmoid(cls) * torch.sigmoid(ctr).unsqueeze(-1)
         return self.decode(reg), scores
 
 
