@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A bad argument, worded for the person who typed it."""
 
 
+class LoadError(RuntimeError):
+    """The run could not start (e.g. nothing listens at the URL)."""
+
+
 @dataclass
 class LoadConfig:
     """One load run. Exactly one of ``concurrency`` (closed loop) or ``rate`` (open loop)."""
@@ -108,7 +112,8 @@ class LoadConfig:
         d = asdict(self)
         d.pop("images")
         d["image"] = str(self.image) if self.image is not None else None
-        d["headers"] = {k: ("<redacted>" if k.lower() in ("authorization", "x-api-key") else v)
-                        for k, v in self.headers.items()}
+        d["headers"] = {
+            k: ("<redacted>" if k.lower() in ("authorization", "x-api-key") else v) for k, v in self.headers.items()
+        }
         d["mode"] = self.mode
         return d

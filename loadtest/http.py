@@ -213,6 +213,11 @@ class Connection:
         finally:
             timer.cancel()
 
+    async def connect(self) -> None:
+        """Open the connection now (otherwise the first request opens it)."""
+        if self._proto is None or self._proto.closed:
+            self._proto = await self._connect()
+
     def _drop(self) -> None:
         if self._proto is not None:
             self._proto.close()

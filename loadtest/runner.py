@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import metrics as server_metrics
-from .config import LoadConfig
+from .config import LoadConfig, LoadError
 from .engines import Sender, make_engine
-from .http import Target, TransportError
+from .http import Connection, Target, TransportError
 from .payloads import build_payload, load_images
 from .stats import Result, Window, latency_summary, merge, new_histogram, to_us
 
@@ -31,6 +31,7 @@ StopWhen = Callable[[list[Window]], bool]
 Progress = Callable[[dict[str, Any]], None]
 PROGRESS_EVERY_S = 0.5
 SLOP_S = 0.001  # an open-loop pick later than this counts as queued in the client
+CONNECT_BACKOFF_S = 0.01
 
 
 def run_load(
@@ -75,9 +76,7 @@ class _Run:
         self.scrape_windows = scrape_windows
         self.target = Target.parse(cfg.url)
         images = list(cfg.images) if cfg.images else load_images(cfg.image)  # type: ignore[arg-type]
-        self.payloads = [
-            build_payload(cfg.kind, cfg.model, img, cfg.version, cfg.query, cfg.headers) for img in images
-        ]
+        self.payloads = [build_payload(cfg.kind, cfg.model, img, cfg.version, cfg.query, cfg.headers) for img in images]
         self.metrics_url = cfg.metrics_url or self.target.url("/metrics")
         self.workers = (cfg.concurrency or 1) if cfg.rate is None else cfg.connections
         self.stopped = False
@@ -135,6 +134,8 @@ class _Run:
                 outcome: tuple[int, bytes] | TransportError = await sender.send(i)
             except TransportError as exc:
                 outcome = exc
+                if exc.kind == "connect":
+                    await asyncio.sleep(CONNECT_BACKOFF_S)  # don't spin on a refused port
             if measured:
                 self._record(start, outcome)
 
@@ -230,8 +231,19 @@ class _Run:
             "window": last,
         }
 
+    async def _preflight(self) -> None:
+        """Fail fast, with a clear message, when nothing listens at the URL."""
+        conn = Connection(self.target, connect_timeout=min(self.cfg.timeout, 5.0))
+        try:
+            await conn.connect()
+        except TransportError as exc:
+            raise LoadError(f"cannot connect to {self.cfg.url}: {exc}") from None
+        finally:
+            conn.close()
+
     async def run(self) -> Result:
         cfg = self.cfg
+        await self._preflight()
         engine = make_engine(cfg.engine, self.target, self.payloads, cfg.timeout, self.workers)
         await engine.start()
         senders = [engine.sender() for _ in range(self.workers)]

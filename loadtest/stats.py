@@ -46,8 +46,7 @@ def percentile_curve(hist: HdrHistogram) -> list[tuple[float, float]]:
     if hist.get_total_count() == 0:
         return []
     return [
-        (item.percentile_level_iterated_to, item.value_iterated_to / 1e3)
-        for item in hist.get_percentile_iterator(5)
+        (item.percentile_level_iterated_to, item.value_iterated_to / 1e3) for item in hist.get_percentile_iterator(5)
     ]
 
 

@@ -186,8 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-seconds", type=float, default=600.0, help="exit after this long (bounded)")
     a = ap.parse_args(argv)
     b = Behaviour(
-        a.latency_ms, a.slow_every, a.slow_ms, a.error_every, a.stall_period_s, a.stall_s,
-        max(1, a.batch_size), not a.no_metrics, not a.no_validate,
+        a.latency_ms,
+        a.slow_every,
+        a.slow_ms,
+        a.error_every,
+        a.stall_period_s,
+        a.stall_s,
+        max(1, a.batch_size),
+        not a.no_metrics,
+        not a.no_validate,
     )
 
     async def run() -> None:
