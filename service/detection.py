@@ -202,8 +202,9 @@ def annotate(image: bytes | Image.Image, detections: Sequence[Mapping[str, objec
         tl, tt, tr, tb = draw.textbbox((0, 0), text, font=font)
         th = tb - tt + 4
         ty = y1 - th if y1 - th >= 0 else y1
-        draw.rectangle((x1, ty, x1 + tr - tl + 4, ty + th), fill=colour)
-        draw.text((x1 + 2, ty + 2 - tt), text, fill=(0, 0, 0) if sum(colour) > 400 else (255, 255, 255), font=font)
+        tx = max(0.0, min(x1, img.width - (tr - tl + 4)))  # keep the tag inside the picture
+        draw.rectangle((tx, ty, tx + tr - tl + 4, ty + th), fill=colour)
+        draw.text((tx + 2, ty + 2 - tt), text, fill=(0, 0, 0) if sum(colour) > 400 else (255, 255, 255), font=font)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
