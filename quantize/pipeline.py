@@ -121,7 +121,7 @@ def _fall_back(job: QuantizeJob, pre: Path, first_path: Path, first: Fidelity, c
     ranking = rank_sensitive(pre, first_path, cal[:16], job.source.manifest.input.name, how=job.rank_by)
     fixed = list(job.settings.nodes_to_exclude)
     order = [n for n, _ in ranking if n not in fixed]
-    limit = max(1, int(job.max_excluded * len(candidate_nodes(pre))))
+    limit = int(job.max_excluded * len(candidate_nodes(pre)))
     sizes = [k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if k <= min(limit, len(order))]
     best: tuple[Path, Fidelity, list[str]] | None = None
     lo = 0
