@@ -147,8 +147,16 @@ class _Conn(asyncio.Protocol):
         answer = json.dumps({"model": model, "version": "1", "predictions": [{"index": 1, "score": 1.0}]})
         if delay <= 0:
             return self._send(200, answer.encode())
-        asyncio.get_running_loop().call_later(delay, self._send, 200, answer.encode())
+        self._send_at(now + delay, answer.encode())
         return None
+
+    def _send_at(self, when: float, body: bytes) -> None:
+        # libuv timers run on a cached, millisecond clock and may fire early: re-arm until due
+        left = when - time.perf_counter()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left, self._send_at, when, body)
+        else:
+            self._send(200, body)
 
     def _send(self, status: int, body: bytes, ctype: str = "application/json", extra: str = "") -> None:
         if self.transport is None or self.transport.is_closing():
