@@ -106,6 +106,7 @@ def write_version(
     if final.exists() and not overwrite:
         raise RepositoryError(f"{final} already exists (choose another --version or remove it)")
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=repo))
+    staging.chmod(0o755)  # mkdtemp makes it 0700: a non-root server (containers) must read it
     try:
         manifest = build(staging, version)
         manifest.write(staging)

@@ -51,7 +51,13 @@ def serve(
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from .http.app import create_app
+    from .http.server import GracefulServer
 
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.graceful_timeout_s or None, access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.graceful_timeout_s or None, access_log=False)
+    server = GracefulServer(config)
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -114,6 +113,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text) or {}
         elif path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10 (JetPack 6)
+                import tomli as tomllib  # type: ignore[no-redef]
+
             data = tomllib.loads(text)
         else:
             data = json.loads(text)

@@ -1,0 +1,231 @@
+"""The batcher: no waiting window when idle, batching under load, cancellation, deadlines, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.batcher import Batcher, InferenceFailed
+from service.errors import DeadlineExceeded, Unavailable
+
+
+class Recorder:
+    """A fake model: doubles its input, records batch sizes, can be held to simulate a busy engine."""
+
+    def __init__(self, hold_first: bool = False) -> None:
+        self.sizes: list[int] = []
+        self.seen: list[float] = []
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.hold_first = hold_first
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        self.started.set()
+        if self.hold_first and not self.sizes:
+            self.gate.wait(5)
+        self.sizes.append(batch.shape[0])
+        self.seen.extend(float(x) for x in batch[:, 0])
+        return [batch * 2, batch.sum(axis=1)]
+
+
+def item(v: float) -> np.ndarray:
+    return np.array([v, 1.0], dtype=np.float32)
+
+
+async def wait_started(rec: Recorder) -> None:
+    while not rec.started.is_set():
+        await asyncio.sleep(0.001)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_lone_requests_run_at_once_without_a_window() -> None:
+    async def main() -> list[int]:
+        rec = Recorder()
+        b = Batcher([rec], max_batch_size=8)
+        b.start()
+        for v in range(3):  # one at a time: each is a batch of one, no waiting for company
+            out = await asyncio.wait_for(b.submit(item(v)), 2)
+            np.testing.assert_allclose(out[0], item(v) * 2)
+            assert out[1] == pytest.approx(v + 1)
+        await b.stop()
+        return rec.sizes
+
+    assert run(main()) == [1, 1, 1]
+
+
+def test_requests_arriving_while_busy_leave_together() -> None:
+    async def main() -> tuple[list[int], list[np.ndarray]]:
+        rec = Recorder(hold_first=True)
+        b = Batcher([rec], max_batch_size=4)
+        b.start()
+        first = asyncio.create_task(b.submit(item(0)))
+        await wait_started(rec)
+        rest = [asyncio.create_task(b.submit(item(v))) for v in range(1, 7)]
+        await asyncio.sleep(0.05)
+        assert b.depth == 6
+        rec.gate.set()
+        results = await asyncio.gather(first, *rest)
+        await b.stop()
+        return rec.sizes, [r[0] for r in results]
+
+    sizes, outs = run(main())
+    assert sizes == [1, 4, 2]  # capped at max_batch_size, FIFO
+    for v, o in enumerate(outs):
+        np.testing.assert_allclose(o, item(v) * 2)
+
+
+def test_a_caller_cancelled_mid_batch_does_not_hurt_the_others() -> None:
+    async def main() -> list[np.ndarray]:
+        rec = Recorder(hold_first=True)
+        b = Batcher([rec], max_batch_size=8)
+        b.start()
+        tasks = [asyncio.create_task(b.submit(item(v))) for v in range(4)]
+        await wait_started(rec)  # the batch of the first item is running
+        queued = [asyncio.create_task(b.submit(item(v))) for v in range(4, 8)]
+        await asyncio.sleep(0.01)
+        tasks[0].cancel()  # gives up mid-batch
+        queued[1].cancel()  # gives up while queued: must be skipped, not run
+        rec.gate.set()
+        done = await asyncio.gather(*tasks[1:], queued[0], *queued[2:], return_exceptions=True)
+        await b.stop()
+        assert 5.0 not in rec.seen
+        return done
+
+    done = run(main())
+    assert all(isinstance(d, list) for d in done), done
+
+
+def test_deadline_passed_while_queued_is_dropped_unrun() -> None:
+    async def main() -> None:
+        rec = Recorder(hold_first=True)
+        b = Batcher([rec], max_batch_size=8)
+        b.start()
+        first = asyncio.create_task(b.submit(item(0)))
+        await wait_started(rec)
+        late = asyncio.create_task(b.submit(item(42), deadline=time.monotonic() + 0.01))
+        ok = asyncio.create_task(b.submit(item(7)))
+        await asyncio.sleep(0.05)
+        rec.gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await first
+        assert (await ok)[1] == pytest.approx(8)
+        await b.stop()
+        assert 42.0 not in rec.seen
+
+    run(main())
+
+
+def test_full_queue_refuses_at_once() -> None:
+    async def main() -> None:
+        rec = Recorder(hold_first=True)
+        b = Batcher([rec], max_batch_size=2, max_queue=3)
+        b.start()
+        first = asyncio.create_task(b.submit(item(0)))
+        await wait_started(rec)
+        queued = [asyncio.create_task(b.submit(item(v))) for v in range(1, 4)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(b.submit(item(9)), 0.5)
+        rec.gate.set()
+        await asyncio.gather(first, *queued)
+        await b.stop()
+
+    run(main())
+
+
+def test_wrong_output_count_fails_every_caller_of_the_batch() -> None:
+    def broken(batch: np.ndarray) -> list[np.ndarray]:
+        return [batch[:1]]
+
+    async def main() -> list[object]:
+        b = Batcher([broken], max_batch_size=8)
+        b.start()
+        res = await asyncio.gather(*(b.submit(item(v)) for v in range(3)), return_exceptions=True)
+        await b.stop()
+        return res
+
+    res = run(main())
+    assert any(isinstance(r, InferenceFailed) for r in res)
+    assert not any(isinstance(r, list) and len(r[0]) != 2 for r in res)
+
+
+def test_stop_finishes_everything_accepted_and_refuses_new_work() -> None:
+    async def main() -> None:
+        rec = Recorder(hold_first=True)
+        b = Batcher([rec], max_batch_size=3)
+        b.start()
+        tasks = [asyncio.create_task(b.submit(item(v))) for v in range(10)]
+        await wait_started(rec)
+        stopping = asyncio.create_task(b.stop())
+        await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable):
+            await b.submit(item(99))
+        rec.gate.set()
+        await stopping
+        assert all(t.done() and not t.exception() for t in tasks)
+        assert sorted(rec.seen) == list(range(10))
+
+    run(main())
+
+
+def test_max_delay_gathers_a_fuller_batch() -> None:
+    async def main() -> list[int]:
+        rec = Recorder()
+        b = Batcher([rec], max_batch_size=8, max_delay_s=0.2)
+        b.start()
+        first = asyncio.create_task(b.submit(item(0)))
+        await asyncio.sleep(0.02)
+        second = asyncio.create_task(b.submit(item(1)))
+        await asyncio.gather(first, second)
+        await b.stop()
+        return rec.sizes
+
+    assert run(main()) == [2]
+
+
+def test_two_instances_run_in_parallel() -> None:
+    barrier = threading.Barrier(2, timeout=5)
+
+    def model(batch: np.ndarray) -> list[np.ndarray]:
+        barrier.wait()  # only returns if both instances are inside at the same time
+        return [batch]
+
+    async def main() -> None:
+        b = Batcher([model, model], max_batch_size=1)
+        b.start()
+        await asyncio.wait_for(asyncio.gather(b.submit(item(0)), b.submit(item(1))), 5)
+        await b.stop()
+
+    run(main())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.floats(-100, 100, width=32), st.integers(0, 3)), min_size=1, max_size=24),
+       st.integers(1, 6))
+def test_any_interleaving_gives_the_answers_of_one_by_one(values: list[tuple[float, int]], max_batch: int) -> None:
+    async def main() -> list[list[np.ndarray]]:
+        b = Batcher([Recorder()], max_batch_size=max_batch)
+        b.start()
+
+        async def client(v: float, pause: int) -> list[np.ndarray]:
+            for _ in range(pause):
+                await asyncio.sleep(0)
+            return await b.submit(item(v))
+
+        res = await asyncio.gather(*(client(v, p) for v, p in values))
+        await b.stop()
+        return res
+
+    for (v, _), out in zip(values, run(main())):
+        np.testing.assert_allclose(out[0], item(v) * 2, rtol=1e-6)
+        assert out[1] == pytest.approx(float(np.float32(v)) + 1, rel=1e-5, abs=1e-5)
