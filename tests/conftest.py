@@ -85,7 +85,7 @@ def stop_server(server: Server) -> int:
 def server(mobilenet_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``visionserve serve`` over the MobileNetV2 repository, small limits to exercise the errors."""
     s = start_server(mobilenet_repo, tmp_path_factory.mktemp("server"), env={
-        "VISIONSERVE_MAX_BODY_BYTES": str(2 * 1024 * 1024),
+        "VISIONSERVE_MAX_BODY_BYTES": str(8 * 1024 * 1024),
         "VISIONSERVE_MAX_PIXELS": str(20_000_000),
     })
     yield s

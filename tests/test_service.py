@@ -116,7 +116,7 @@ def _bomb_png() -> bytes:
 def test_bad_requests_get_clear_json_errors(server: Server, body: bytes | str, headers: dict[str, str],
                                             params: str, status: int, words: str) -> None:
     data = {
-        "cat": CAT.read_bytes(), "truncated": CAT.read_bytes()[:5000], "big": b"\xff" * (3 * 1024 * 1024),
+        "cat": CAT.read_bytes(), "truncated": CAT.read_bytes()[:5000], "big": b"\xff" * (9 * 1024 * 1024),
         "bomb": _bomb_png(),
     }.get(body, body) if isinstance(body, str) else body
     r = classify(server, data, headers=headers, params=params)  # type: ignore[arg-type]

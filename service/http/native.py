@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -91,5 +92,6 @@ async def detect(request: Request, model: str, version: str | None = None,
     if annotate:
         from ..detection import annotate as draw
 
-        return Response(draw(data, result["detections"]), media_type="image/png")
+        png = await asyncio.get_running_loop().run_in_executor(None, draw, data, result["detections"])
+        return Response(png, media_type="image/png")
     return result

@@ -78,8 +78,9 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
         header, binary = _split(body, request.headers.get(HEADER_LENGTH))
         req = _json(header)
         inputs = _inputs(req, binary)
+        wanted = _requested(req, m.runners[0].output_names)  # refuse a bad request before running it
         names, outputs = await dp.infer(m, inputs, due)
-        return _response(req, m, names, outputs)
+        return _response(req, wanted, m, names, outputs)
 
 
 # -- request parsing -------------------------------------------------------------------------------------
@@ -199,17 +200,25 @@ def _dtype(name: str, dtype: str) -> Any:
 
 
 # -- response --------------------------------------------------------------------------------------------
-def _response(req: dict[str, Any], model: Any, names: list[str], outputs: list[np.ndarray]) -> Response:
-    req_params = req.get("parameters") or {}
-    binary_default = bool(isinstance(req_params, dict) and req_params.get("binary_data_output"))
+def _requested(req: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
     wanted = req.get("outputs") or [{"name": n} for n in names]
     if not isinstance(wanted, list):
         raise BadTensor("'outputs' must be a list")
+    for i, spec in enumerate(wanted):
+        if not isinstance(spec, dict) or spec.get("name") not in names:
+            raise BadTensor(f"outputs[{i}]: unknown output {spec!r}; this model has {names}")
+        if not isinstance(spec.get("parameters") or {}, dict):
+            raise BadTensor(f"outputs[{i}]: 'parameters' must be an object")
+    return wanted
+
+
+def _response(req: dict[str, Any], wanted: list[dict[str, Any]], model: Any, names: list[str],
+              outputs: list[np.ndarray]) -> Response:
+    req_params = req.get("parameters") or {}
+    binary_default = bool(isinstance(req_params, dict) and req_params.get("binary_data_output"))
     by_name = dict(zip(names, outputs))
     result, blobs = [], []
-    for i, spec in enumerate(wanted):
-        if not isinstance(spec, dict) or spec.get("name") not in by_name:
-            raise BadTensor(f"outputs[{i}]: unknown output {spec!r}; this model has {names}")
+    for spec in wanted:
         params = spec.get("parameters") or {}
         arr = by_name[spec["name"]]
         k = params.get("classification", 0)
