@@ -65,23 +65,28 @@ def latency(sess: ort.InferenceSession, sample: np.ndarray, batch: int, repeats:
 def compare_speed(paths: dict[str, Path], sample: np.ndarray, batches: tuple[int, ...] = (1, 8),
                   repeats: int = 20, rounds: int = 3, threads: int = DEFAULT_THREADS
                   ) -> dict[str, dict[int, Latency]]:
-    """Latency of several models, interleaved round by round so machine noise hits them alike.
+    """Latency of several models, interleaved run by run so that load from other processes hits all alike.
 
-    Each model's figure is the median over ``rounds`` × ``repeats`` runs.
+    Each model's figure is the median of ``rounds`` × ``repeats`` runs, after a warm-up.
     """
     sessions = {k: session(p, threads) for k, p in paths.items()}
-    raw: dict[str, dict[int, list[Latency]]] = {k: {b: [] for b in batches} for k in paths}
-    for _ in range(rounds):
-        for b in batches:
+    out: dict[str, dict[int, Latency]] = {k: {} for k in paths}
+    for b in batches:
+        x = np.ascontiguousarray(np.resize(sample, (b, *sample.shape[1:])).astype(np.float32))
+        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+        for k, s in sessions.items():
+            for _ in range(3):
+                s.run(None, feeds[k])
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(rounds * repeats):
             for k, s in sessions.items():
-                raw[k][b].append(latency(s, sample, b, repeats))
-    out: dict[str, dict[int, Latency]] = {}
-    for k, per_batch in raw.items():
-        out[k] = {}
-        for b, runs in per_batch.items():
-            med = statistics.median(r.median_ms for r in runs)
-            p90 = statistics.median(r.p90_ms for r in runs)
-            out[k][b] = Latency(b, round(med, 3), round(p90, 3), repeats * rounds)
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append((time.perf_counter() - t) * 1000.0)
+        for k, ts in times.items():
+            ts.sort()
+            out[k][b] = Latency(b, round(statistics.median(ts), 3), round(ts[int(0.9 * (len(ts) - 1))], 3),
+                                len(ts))
     return out
 
 
