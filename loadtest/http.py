@@ -80,8 +80,10 @@ class _ResponseParser(asyncio.Protocol):
             head = self._head
             if head is not None and head[2] == -2:  # body delimited by close
                 waiter.set_result((head[0], bytes(self.buf[head[1] :])))
+            elif not self.buf:
+                waiter.set_exception(TransportError("disconnect", "server closed the connection before any response"))
             else:
-                waiter.set_exception(TransportError("disconnect", "server closed the connection"))
+                waiter.set_exception(TransportError("disconnect", "server closed the connection mid-response"))
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -190,7 +192,21 @@ class Connection:
         return proto
 
     async def request(self, data: bytes, timeout: float) -> tuple[int, bytes]:
-        """Send pre-encoded request bytes; return (status, body) or raise :class:`TransportError`."""
+        """Send pre-encoded request bytes; return (status, body) or raise :class:`TransportError`.
+
+        A kept-alive connection the server closed while idle (a race with its keep-alive timeout)
+        is reopened and the request sent once more, as browsers and HTTP clients do.
+        """
+        proto = self._proto
+        reused = proto is not None and not proto.closed and proto.keep_alive
+        try:
+            return await self._exchange(data, timeout)
+        except TransportError as exc:
+            if not (reused and exc.kind == "disconnect" and exc.args[0].endswith("before any response")):
+                raise
+        return await self._exchange(data, timeout)
+
+    async def _exchange(self, data: bytes, timeout: float) -> tuple[int, bytes]:
         proto = self._proto
         if proto is None or proto.closed or not proto.keep_alive:
             if proto is not None:

@@ -18,6 +18,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from . import metrics as server_metrics
@@ -75,7 +76,7 @@ class _Run:
         self.stop_when = stop_when
         self.scrape_windows = scrape_windows
         self.target = Target.parse(cfg.url)
-        images = list(cfg.images) if cfg.images else load_images(cfg.image)  # type: ignore[arg-type]
+        images = list(cfg.images) if cfg.images else load_images(Path(cfg.image))  # type: ignore[arg-type]
         self.payloads = [build_payload(cfg.kind, cfg.model, img, cfg.version, cfg.query, cfg.headers) for img in images]
         self.metrics_url = cfg.metrics_url or self.target.url("/metrics")
         self.workers = (cfg.concurrency or 1) if cfg.rate is None else cfg.connections
@@ -139,40 +140,65 @@ class _Run:
             if measured:
                 self._record(start, outcome)
 
-    async def _open_worker(self, sender: Sender, schedule: Iterator[float]) -> None:
+    async def _open_loop(self, senders: list[Sender], schedule: Iterator[float]) -> None:
+        """Send on schedule, each request on the most recently freed connection (hot ones stay hot).
+
+        The clock starts at the intended time whenever the send is more than ``SLOP_S`` late (no
+        free connection, or a busy client), and at the actual send otherwise (timer granularity
+        is the client's, not the server's).
+        """
         clock = time.perf_counter
-        task = asyncio.current_task()
-        assert task is not None
-        while not self.stopped:
-            due = next(schedule)
-            if due >= self.end:
-                return
-            measured = due >= self.measure_start
-            i = self._take(measured)
-            if i is None:
-                return
-            now = clock()
-            if due > now:
-                self.sleeping.add(task)
-                try:
-                    await asyncio.sleep(due - now)
-                finally:
-                    self.sleeping.discard(task)
-                if self.stopped:
-                    return
-                start = clock()
-                if measured:
-                    self.lag.record_value(to_us(start - due))
-            else:
-                start = due  # the client fell behind: the wait for a free connection counts
-                if measured and now - due > SLOP_S:
-                    self.queued += 1
+        free = list(senders)  # a stack: LIFO reuse keeps the others idle rather than all lukewarm
+        freed = asyncio.Event()
+        inflight: set[asyncio.Task[None]] = set()
+
+        async def one(sender: Sender, i: int, start: float, measured: bool) -> None:
             try:
                 outcome: tuple[int, bytes] | TransportError = await sender.send(i)
             except TransportError as exc:
                 outcome = exc
             if measured:
                 self._record(start, outcome)
+            free.append(sender)
+            freed.set()
+
+        while not self.stopped:
+            due = next(schedule)
+            if due >= self.end:
+                break
+            measured = due >= self.measure_start
+            i = self._take(measured)
+            if i is None:
+                break
+            now = clock()
+            if due > now:
+                task = asyncio.current_task()
+                self.sleeping.add(task)  # type: ignore[arg-type]
+                try:
+                    await asyncio.sleep(due - now)
+                except asyncio.CancelledError:
+                    break  # stopped early (a sweep step became stable); in-flight requests finish below
+                finally:
+                    self.sleeping.discard(task)  # type: ignore[arg-type]
+                if self.stopped:
+                    break
+            waited = False
+            while not free:
+                waited = True
+                freed.clear()
+                await freed.wait()
+            now = clock()
+            late = now - due
+            if measured:
+                self.lag.record_value(to_us(max(late, 0.0)))
+                if waited:
+                    self.queued += 1
+            start = due if late > SLOP_S else now
+            task = asyncio.ensure_future(one(free.pop(), i, start, measured))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+        if inflight:
+            await asyncio.gather(*inflight, return_exceptions=True)
 
     # -- the controller: windows, scrapes, progress, stopping ----------------------------------
     async def _scrape(self) -> None:
@@ -187,7 +213,7 @@ class _Run:
         await asyncio.sleep(max(0.0, self.measure_start - clock()))
         await self._scrape()
         boundary = self.measure_start + self.cfg.window
-        next_progress = clock()
+        next_progress = clock() if self.progress is not None else float("inf")
         while not self.stopped:
             now = clock()
             if now >= self.end:
@@ -255,7 +281,7 @@ class _Run:
             workers = [asyncio.ensure_future(self._closed_worker(s)) for s in senders]
         else:
             schedule = _arrivals(cfg, self.t0)
-            workers = [asyncio.ensure_future(self._open_worker(s, schedule)) for s in senders]
+            workers = [asyncio.ensure_future(self._open_loop(senders, schedule))]
         controller = asyncio.ensure_future(self._controller())
         try:
             await asyncio.gather(*workers, return_exceptions=True)
