@@ -10,6 +10,8 @@ from rich.text import Text
 
 from .stats import Result
 
+LAG_WARN_MS = 20.0  # open loop: sends this late (p99) mean the offered rate was not delivered
+
 
 def fmt(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:,.{digits}f}"
@@ -43,6 +45,12 @@ def result_table(r: Result, title: str = "") -> Table:
         t.add_row(f"errors {cause}", f"{n:,}" + (f"  ({sample[:60]})" if sample else ""))
     if r.schedule_lag_ms and r.schedule_lag_ms.get("p99") is not None:
         t.add_row("schedule lag p99 / max", f"{fmt(r.schedule_lag_ms['p99'])} / {fmt(r.schedule_lag_ms['max'])} ms")
+    lag = (r.schedule_lag_ms or {}).get("p99")
+    if lag is not None and lag > LAG_WARN_MS:
+        t.add_row(
+            "[red]warning[/red]",
+            f"[red]sends ran {lag:.0f} ms behind schedule (p99): the server or this client is saturated[/red]",
+        )
     if r.mode == "open":
         t.add_row("queued in client", f"{r.client_queued:,} waited for a free connection")
     if r.stable is not None:
