@@ -31,9 +31,9 @@ def convert_detect(*, repository: Path, name: str, arch: str | None, module: str
 
     if detect_format not in ("visionserve", "yolo", "torchvision"):
         fail(f"--detect-format must be visionserve, yolo or torchvision, got {detect_format!r}")
-    if detect_format == "torchvision" and not (arch or onnx_file):
+    if detect_format == "torchvision" and torchscript:
         fail("--detect-format torchvision takes a torchvision detector: --arch NAME "
-             "(e.g. ssdlite320_mobilenet_v3_large)")
+             "(e.g. ssdlite320_mobilenet_v3_large) or --module returning one")
     names = [n.strip() for n in output_names.split(",")] if output_names else default_outputs(detect_format)
     h, w = size
     try:
