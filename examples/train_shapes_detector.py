@@ -35,7 +35,6 @@ from service.manifest import InputSpec, Preprocess  # noqa: E402
 
 WEIGHTS = ROOT / "examples" / "shapes_detector.pt"
 LABELS = ROOT / "examples" / "shapes_labels.txt"
-REPORT = ROOT / "examples" / "shapes_detector.json"
 TEST_SPLIT = ROOT / "tests" / "data" / "shapes"
 SPEC = InputSpec(name="input", shape=[-1, 3, INPUT_SIZE, INPUT_SIZE])
 # What the converted model's manifest will say (ImageNet statistics, letterbox with grey 114 padding).
@@ -106,7 +105,7 @@ def loss_fn(model: ShapesDetector, x: torch.Tensor, targets: list[tuple[torch.Te
     l_box = (generalized_box_iou_loss(pred, box_t[pos], reduction="none") * w).sum() / w.sum().clamp(min=1e-6)
     l_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_t[pos], reduction="sum") / n_pos
     total = l_cls + 2.0 * l_box + l_ctr
-    return total, {"cls": float(l_cls), "box": float(l_box), "ctr": float(l_ctr)}
+    return total, {"cls": l_cls.item(), "box": l_box.item(), "ctr": l_ctr.item()}
 
 
 def flip(images: np.ndarray, boxes: list[np.ndarray], rng: np.random.Generator
@@ -271,8 +270,9 @@ def main() -> None:
     print(f"test split ({len(test)} images, {sum(len(s.boxes) for s in test)} objects): "
           f"mAP@0.5 {metrics['mAP@0.5']:.3f}, mAP@[.5:.95] {metrics['mAP@[.5:.95]']:.3f} "
           f"({time.perf_counter() - t:.0f} s)")
-    if args.timing is not None:
-        REPORT.write_text(json.dumps({"test": {"images": len(test), **metrics}, **args.timing}, indent=2) + "\n")
+    if args.timing is not None:  # beside the weights: examples/shapes_detector.json for the committed ones
+        report = {"test": {"images": len(test), **metrics}, **args.timing}
+        args.weights.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
