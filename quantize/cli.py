@@ -115,6 +115,9 @@ def _quantize_summary(result) -> str:
     if sp:
         lines.append(f"  batch 8: fp32 {sp['fp32']['b8_ms']:.1f} ms, int8 {sp['int8']['b8_ms']:.1f} ms "
                      f"(× {sp['ratio']['int8_vs_fp32_b8']:.2f} throughput)")
+        if sp["ratio"]["int8_vs_fp32_b8"] < 1.0:
+            lines.append("  warning: int8 is not faster than fp32 on this machine; try another --target "
+                         "(e.g. x86-vnni where the CPU has VNNI) or keep the fp32 model")
         if "int8_all_quantized" in sp:
             lines.append(f"  keeping those in float costs × {sp['ratio']['float_nodes_cost_b8']:.2f} latency "
                          f"vs all quantized ({sp['int8_all_quantized']['b8_ms']:.1f} ms)")

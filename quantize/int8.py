@@ -53,10 +53,10 @@ class Settings:
 def settings_for(target: str, method: str = "minmax", **overrides: object) -> Settings:
     """The settings a target wants.
 
-    - ``x86-novnni`` (AVX2, no VNNI — this project's build machine): u8 activations × u8 weights. The
-      u8×s8 kernel multiplies pairs into int16 with saturation (``vpmaddubsw``) and loses accuracy on
-      MobileNet-like models; u8u8 avoids it at full 8-bit weight precision, where the other fix,
-      ``reduce_range``, gives up one bit of weight precision (measured in docs/optimize.md).
+    - ``x86-novnni`` (AVX2 without VNNI): u8 activations × u8 weights. AVX2's u8×s8 kernel adds pairs of
+      products in int16 with saturation (``vpmaddubsw``); u8u8 avoids it at full 8-bit weight precision.
+      The other cure, ``reduce_range`` (7-bit weights), cost MobileNetV2 far more accuracy than the guard
+      could buy back (docs/optimize.md); u8u8's speed there could not be measured (the build host has VNNI).
     - ``x86-vnni`` (AVX512-VNNI / AVX-VNNI): u8 × s8, the fast path there, no saturation.
     - ``arm``: u8 × s8 (the NEON/SDOT kernels take both), full range.
     - ``tensorrt``: symmetric s8 × s8 (TensorRT accepts only symmetric int8 QDQ, zero point 0).
