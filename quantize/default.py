@@ -9,23 +9,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from service.repository import RepositoryError, load_entry, versions
+from service.repository import has_valid_version
 
 log = logging.getLogger("visionserve.quantize")
 
 SOURCE = "mobilenet_v2"
 NAME = "mobilenet_v2_int8"
 MAX_DROP = 0.015  # top-1 disagreement with fp32 on confident natural images
-
-
-def _present(repo: Path) -> bool:
-    for v in versions(repo, NAME):
-        try:
-            load_entry(repo / NAME / v, verify_checksum=True)
-            return True
-        except RepositoryError as e:
-            log.warning("%s", e)
-    return False
 
 
 def build_default_int8(repo: Path) -> None:
@@ -37,7 +27,7 @@ def build_default_int8(repo: Path) -> None:
     from .pipeline import QuantizeJob, run_quantize
 
     repo = Path(repo)
-    if _present(repo):
+    if has_valid_version(repo, NAME):
         typer.echo(f"{repo}/{NAME} is up to date")
         return
     entry = resolve(SOURCE, repo)

@@ -6,6 +6,7 @@ so that the layout is defined once.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .manifest import MANIFEST_FILE, Manifest, sha256_file
+
+log = logging.getLogger("visionserve.repository")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -80,6 +83,17 @@ def load_entry(directory: Path, *, verify_checksum: bool = False) -> ModelEntry:
     if verify_checksum and sha256_file(entry.model_path) != manifest.provenance.onnx_sha256:
         raise RepositoryError(f"{entry.model_path}: sha256 does not match the manifest (file changed?)")
     return entry
+
+
+def has_valid_version(repo: Path, name: str) -> bool:
+    """Whether some version of ``name`` reads back and matches its checksum (broken ones are logged)."""
+    for version in versions(repo, name):
+        try:
+            load_entry(Path(repo) / name / version, verify_checksum=True)
+            return True
+        except RepositoryError as e:
+            log.warning("%s", e)
+    return False
 
 
 def write_version(

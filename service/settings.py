@@ -87,17 +87,6 @@ class Settings(BaseSettings):
         over = self.models.get(name) or self.models.get(name.upper()) or self.models.get(name.lower()) or {}
         return self.defaults.model_copy(update=ModelSettings(**over).model_dump(exclude_unset=True))
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings)
-
 
 class ConfigError(Exception):
     """The configuration is invalid; the message lists what and where."""

@@ -59,7 +59,7 @@ def test_bytes_images_with_classification_extension(client: triton.InferenceServ
     res = client.infer("mobilenet_v2", [inp], outputs=[triton.InferRequestedOutput("logits", class_count=3)])
     top = res.as_numpy("logits")
     assert top.shape == (2, 3)
-    score, index, label = top[0, 0].decode().split(":", 2)
+    score, index, _label = top[0, 0].decode().split(":", 2)
     assert int(index) in CAT_CLASSES and 0.5 < float(score) <= 1
     assert top[1, 0].decode().endswith(":967:espresso")
 
