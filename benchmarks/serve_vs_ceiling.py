@@ -41,7 +41,8 @@ def images() -> list[bytes]:
 
 
 def ceiling(entry_dir: Path, data: list[bytes], batch: int, seconds: float, threads: int, decoders: int) -> float:
-    """Images/s of decode+preprocess pipelined with inference at one batch size."""
+    """Images/s of decode+preprocess pipelined with inference (+ box decoding and NMS for detectors)."""
+    from service import detection
     from service.imaging import Preprocessor
     from service.manifest import Manifest
 
@@ -57,20 +58,25 @@ def ceiling(entry_dir: Path, data: list[bytes], batch: int, seconds: float, thre
     with ThreadPoolExecutor(decoders) as pool:
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
-            stream = pool.map(lambda b: pre(b)[0], (data[i % len(data)] for i in range(batch * 8)))
-            chunk: list[np.ndarray] = []
+            stream = pool.map(pre, (data[i % len(data)] for i in range(batch * 8)))
+            chunk: list[tuple[np.ndarray, object]] = []
             for t in stream:  # decoding of later images overlaps inference of earlier batches
                 chunk.append(t)
                 if len(chunk) == batch:
-                    sess.run(None, {name: np.stack(chunk)})
+                    outs = sess.run(None, {name: np.stack([x for x, _ in chunk])})
+                    if m.task == "detect":
+                        names = [o.name for o in sess.get_outputs()]
+                        for i, (_, geo) in enumerate(chunk):
+                            detection.decode(m, {n: o[i] for n, o in zip(names, outs)}, geo)
                     done += batch
                     chunk = []
         return done / (time.perf_counter() - start)
 
 
-def service(url: str, model: str, data: list[bytes], concurrency: int, seconds: float) -> tuple[float, float, float]:
-    r = run_load(LoadConfig(url=url, model=model, images=data, concurrency=concurrency, duration=seconds,
-                            warmup=1.0, metrics=False))
+def service(url: str, model: str, kind: str, data: list[bytes], concurrency: int, seconds: float
+            ) -> tuple[float, float, float]:
+    r = run_load(LoadConfig(url=url, model=model, kind=kind, images=data, concurrency=concurrency,
+                            duration=seconds, warmup=1.0, metrics=False))
     lat = r.latency_ms
     if r.error_count:
         print(f"  warning: {r.error_count} errors at concurrency {concurrency}: {r.errors}", file=sys.stderr)
@@ -90,6 +96,7 @@ def main() -> None:
     ap.add_argument("--model", default="mobilenet_v2")
     ap.add_argument("--seconds", type=float, default=6.0, help="measured seconds per run")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--instances", type=int, default=2, help="ONNX Runtime sessions per model in the service")
     ap.add_argument("--saturation", type=int, default=32, help="concurrency used as 'saturation'")
     args = ap.parse_args()
 
@@ -99,8 +106,10 @@ def main() -> None:
     entry = load_entry(args.repository / args.model / v[-1])
     threads = os.cpu_count() or 1
     decoders = Settings().decode_threads
-    data = images()
-    print(f"{args.model} v{v[-1]} | {threads} CPU threads for ORT, {decoders} decode threads | "
+    kind = entry.manifest.task  # classify or detect
+    data = images() if kind == "classify" else [
+        p.read_bytes() for p in sorted((ROOT / "tests" / "data" / "shapes" / "images").glob("*.jpg"))]
+    print(f"{args.model} v{v[-1]} ({kind}) | {threads} CPU threads for ORT, {decoders} decode threads | "
           f"{len(data)} JPEGs cycled | medians of {args.repeats} x {args.seconds:.0f} s", flush=True)
 
     best_b, best = 1, 0.0
@@ -115,16 +124,18 @@ def main() -> None:
 
     rows = []
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    s = start_server(args.repository, tmp)
+    s = start_server(args.repository, tmp, env={"VISIONSERVE_DEFAULTS__INSTANCES": str(args.instances)})
     try:
         for c in (1, 4, args.saturation):
-            rps, p50, p99 = median_runs(lambda c=c: service(s.url, args.model, data, c, args.seconds), args.repeats)
-            rows.append((f"service, concurrency {c}", rps, p50, p99))
+            rps, p50, p99 = median_runs(lambda c=c: service(s.url, args.model, kind, data, c, args.seconds),
+                                        args.repeats)
+            rows.append((f"service ({args.instances} instance(s)), concurrency {c}", rps, p50, p99))
     finally:
         stop_server(s)
-    s = start_server(args.repository, tmp, env={"VISIONSERVE_DEFAULTS__MAX_BATCH_SIZE": "1"})
+    s = start_server(args.repository, tmp, env={"VISIONSERVE_DEFAULTS__MAX_BATCH_SIZE": "1",
+                                                 "VISIONSERVE_DEFAULTS__INSTANCES": str(args.instances)})
     try:
-        rps, p50, p99 = median_runs(lambda: service(s.url, args.model, data, args.saturation, args.seconds),
+        rps, p50, p99 = median_runs(lambda: service(s.url, args.model, kind, data, args.saturation, args.seconds),
                                     args.repeats)
         rows.append((f"naive (no batching), concurrency {args.saturation}", rps, p50, p99))
     finally:

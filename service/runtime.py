@@ -66,6 +66,9 @@ class Runner:
         so.graph_optimization_level = _OPT_LEVEL[cfg.graph_optimization]
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        if not cfg.allow_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = choose_providers(list(cfg.providers))
         self.session = self._create(str(model_path), so, providers, cfg)
         self.providers: list[str] = self.session.get_providers()

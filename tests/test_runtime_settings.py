@@ -70,10 +70,10 @@ def test_pixel_limit() -> None:
 
 def test_settings_layering_and_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text("port: 9001\ndefaults:\n  max_batch_size: 8\nmodels:\n  mnv2:\n    instances: 2\n")
+    cfg.write_text("port: 9001\ndefaults:\n  max_batch_size: 8\n  instances: 1\nmodels:\n  mnv2:\n    instances: 3\n")
     s = load_settings(cfg)
     assert s.port == 9001 and s.defaults.max_batch_size == 8
-    assert s.for_model("mnv2").instances == 2 and s.for_model("mnv2").max_batch_size == 8
+    assert s.for_model("mnv2").instances == 3 and s.for_model("mnv2").max_batch_size == 8
     assert s.for_model("other").instances == 1
     monkeypatch.setenv("VISIONSERVE_PORT", "9002")
     assert load_settings(cfg).port == 9002  # env beats the file

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -63,14 +63,14 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.post("/v1/models/{model}/versions/{version}/classify", openapi_extra={"requestBody": _BODY},
              include_in_schema=False)
 async def classify(request: Request, model: str, version: str | None = None,
-                   top_k: int = Query(5, description="how many classes to return")) -> dict[str, Any]:
+                   top_k: int = Query(5, description="how many classes to return")) -> Response:
     check_api_key(request)
     dp = dataplane(request)
     m = dp.model(model, version)
     due = deadline(request)
     async with dp.track(m, "classify"):
         data = await image_from_request(request)
-        return await dp.classify(m, data, top_k, due)
+        return JSONResponse(await dp.classify(m, data, top_k, due))  # plain JSON: skips FastAPI's re-encoding
 
 
 @router.post("/v1/models/{model}/detect", openapi_extra={"requestBody": _BODY},
@@ -94,4 +94,4 @@ async def detect(request: Request, model: str, version: str | None = None,
 
         png = await asyncio.get_running_loop().run_in_executor(None, draw, data, result["detections"])
         return Response(png, media_type="image/png")
-    return result
+    return JSONResponse(result)
