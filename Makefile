@@ -42,7 +42,7 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check service convert quantize loadtest tests benchmarks examples
+	$(BIN)/ruff check .
 
 bench: models
 	$(BIN)/python benchmarks/serve_vs_ceiling.py --repository $(REPO)
