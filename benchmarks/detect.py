@@ -7,7 +7,8 @@
 2. int8: ``onnxruntime.quantization.quantize_static``, QDQ, per-channel weights, calibrated on *val* images
    letterboxed by the server's Preprocessor. The box-regression convolution and the decoding after it stay
    fp32 (boxes are pixel coordinates), and so does the 3-channel first convolution (int8 is slower there);
-   see ``float_nodes``. Guard: mAP@0.5 may drop at most ``--max-drop`` points.
+   see ``float_nodes`` in quantize/detect.py (``visionserve quantize`` uses the same). Guard: mAP@0.5
+   may drop at most ``--max-drop`` points.
 3. Throughput: ONNX Runtime at batch 8, fp32 and int8 runs interleaved, medians; plus the numpy decode.
 4. NMS placement: the same model with ONNX ``NonMaxSuppression`` appended (batched, in the graph) against
    server-side numpy NMS per image, both including everything needed to produce the answers.
@@ -29,58 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 from convert.detect_default import build_default_detector  # noqa: E402
 from examples.shapes_data import split, write_coco  # noqa: E402
+from quantize.detect import float_nodes  # noqa: E402  (shared with `visionserve quantize`)
 from quantize.evaluate_detect import evaluate_detection  # noqa: E402
 from service.detection import decode, finish  # noqa: E402
 from service.imaging import Preprocessor  # noqa: E402
 from service.repository import ModelEntry  # noqa: E402
-
-
-def tail_nodes(model) -> list[str]:  # type: ignore[no-untyped-def]
-    """Names of nodes with no Conv downstream: detection heads and box decoding, kept in float."""
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    memo: dict[str, bool] = {}
-
-    def feeds_conv(node) -> bool:  # type: ignore[no-untyped-def]
-        key = node.name or id(node)
-        if key not in memo:
-            memo[key] = False
-            memo[key] = any(c.op_type == "Conv" or feeds_conv(c) for o in node.output for c in consumers.get(o, []))
-        return memo[key]
-
-    sys.setrecursionlimit(10_000)
-    return [n.name for n in model.graph.node if not feeds_conv(n)]
-
-
-def float_nodes(model, box_output: str = "boxes") -> list[str]:  # type: ignore[no-untyped-def]
-    """Nodes an int8 detector keeps in fp32, measured on this model and CPU (AVX2, no VNNI):
-
-    - the tail after the last convolutions (decoding: Exp, Sigmoid, box arithmetic), and the convolution
-      that regresses the boxes: 8 bits over a 0-256 pixel range cost mAP@[.5:.95] about 3 points;
-    - the first convolution when it has ≤ 4 input channels: int8 is *slower* there (3-channel im2col), and
-      the image input would need a QuantizeLinear of its own.
-    The class/centerness convolution is quantised: it is where int8 gains most, and mAP does not move.
-    """
-    from onnx import numpy_helper
-
-    tail = set(tail_nodes(model))
-    producer = {o: n for n in model.graph.node for o in n.output}
-    box_side: set[str] = set()
-    stack = [box_output]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or node.name in box_side or node.name not in tail:
-            continue
-        box_side.add(node.name)
-        stack.extend(node.input)
-    keep = [n.name for n in model.graph.node if n.name in tail and (n.op_type != "Conv" or n.name in box_side)]
-    inits = {i.name: i for i in model.graph.initializer}
-    first = next(n for n in model.graph.node if n.op_type == "Conv")
-    if first.input[1] in inits and numpy_helper.to_array(inits[first.input[1]]).shape[1] <= 4:
-        keep.append(first.name)
-    return keep
 
 
 def quantize_int8(entry: ModelEntry, out: Path, calibration: list[np.ndarray], *, reduce_range: bool,

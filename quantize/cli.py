@@ -26,10 +26,13 @@ def quantize(
     model: Annotated[str, Arg(help="repository model NAME[:VERSION], or an .onnx file")],
     repository: Annotated[Path, Opt("--repository", "-r", help="model repository (read and written)")],
     calibration: Annotated[str, Opt(help="folder of calibration images, or 'natural' (built-in photo crops)")],
-    eval: Annotated[Optional[str], Opt("--eval", help="held-out images (ImageFolder for accuracy), or 'natural'")
-                    ] = None,
+    eval: Annotated[Optional[str], Opt("--eval", help="held-out images (ImageFolder for accuracy), or 'natural'; "
+                                                      "detectors: a COCO annotations .json")] = None,
+    eval_images: Annotated[Optional[Path], Opt("--eval-images", help="detectors: the images of the --eval COCO "
+                                                                     "json (default: images/ beside it)")] = None,
     max_drop: Annotated[float, Opt(help="largest allowed drop (fraction): accuracy with labels, else "
-                                        "top-1 disagreement on confident images")] = 0.01,
+                                        "top-1 disagreement on confident images; detectors: absolute "
+                                        "mAP@0.5 (0.01 = 1 point)")] = 0.01,
     target: Annotated[str, Opt(help="auto, x86-novnni, x86-vnni, arm or tensorrt")] = "auto",
     method: Annotated[str, Opt(help="calibration: minmax, entropy or percentile")] = "minmax",
     name: Annotated[Optional[str], Opt(help="name of the new entry (default <model>_int8)")] = None,
@@ -60,8 +63,14 @@ def quantize(
     try:
         label_list = [s.strip() for s in labels.read_text().splitlines() if s.strip()] if labels else None
         entry = resolve(model, repository, label_list)
-        if entry.manifest.task != "classify":
-            fail(f"quantize handles classifiers; {entry.manifest.name} is a {entry.manifest.task} model")
+        detect = entry.manifest.task == "detect"
+        if entry.manifest.task not in ("classify", "detect"):
+            fail(f"quantize handles classifiers and detectors; {entry.manifest.name} is a "
+                 f"{entry.manifest.task} model")
+        if detect:
+            from .detect import check_quantizable
+
+            check_quantizable(entry)
         tgt = detect_target() if target == "auto" else target
         overrides: dict[str, object] = {"per_channel": per_channel}
         if reduce_range is not None:
@@ -70,8 +79,22 @@ def quantize(
             overrides["nodes_to_exclude"] = tuple(n.strip() for n in exclude.split(",") if n.strip())
         settings = settings_for(tgt, method, **overrides)
         cal = _limit(open_set(calibration, role="calibration", count=limit), limit)
-        ev = _limit(open_set(eval, role="evaluation", count=eval_limit), eval_limit) if eval else None
-        if ev is None and not no_guard:
+        detect_eval = None
+        if detect:
+            ev = None
+            if eval:
+                coco = Path(eval)
+                if coco.suffix.lower() != ".json" or not coco.is_file():
+                    fail(f"--eval for a detector is a COCO annotations .json; {eval} is not one")
+                detect_eval = (coco, eval_images or coco.parent / "images")
+                if not detect_eval[1].is_dir():
+                    fail(f"the images of {coco} are not in {detect_eval[1]}; give --eval-images DIR")
+            elif not no_guard:
+                fail("a detector's guard needs --eval ANNOTATIONS.json (COCO, with --eval-images or images/ "
+                     "beside it); or --no-guard")
+        else:
+            ev = _limit(open_set(eval, role="evaluation", count=eval_limit), eval_limit) if eval else None
+        if ev is None and not no_guard and not detect:
             cal, ev = hold_out(cal)
             typer.echo(f"no --eval: holding out {len(ev)} of the calibration images for the guard")
         job = QuantizeJob(
@@ -79,7 +102,7 @@ def quantize(
             calibration=cal, evaluation=ev, settings=settings, max_drop=None if no_guard else max_drop,
             max_excluded=max_excluded, version=version, overwrite=overwrite, threads=threads,
             derived_from=None if model.endswith(".onnx") else
-            f"{entry.manifest.name}:{entry.manifest.version}",
+            f"{entry.manifest.name}:{entry.manifest.version}", detect_eval=detect_eval,
         )
         result = run_quantize(job)
     except (QuantizeError, DatasetError, RepositoryError, ValidationError, ValueError, OSError) as e:
@@ -102,10 +125,13 @@ def _quantize_summary(result) -> str:
     m = result.entry.manifest
     lines = [f"wrote {result.entry.directory} ({result.seconds:.0f} s)"]
     if result.first_fidelity is not None:
-        lines.append(f"  all quantized: {result.first_fidelity.summary()}")
+        first = "before fallback" if m.task == "detect" else "all quantized"  # detectors: tail in float
+        lines.append(f"  {first + ':':<15}{result.first_fidelity.summary()}")
     if result.fidelity is not None:
         f = result.fidelity
-        lines.append(f"  final:         {f.summary()}; {f.drop_kind} {f.drop:.2%}")
+        from .pipeline import show_drop
+
+        lines.append(f"  final:         {f.summary()}; {f.drop_kind} {show_drop(f.drop, f.drop_kind)}")
     q = m.provenance.notes.get("quantization", {})
     lines.append(f"  settings: target {q.get('target')}, {q.get('activation_type')} activations × "  # type: ignore[union-attr]
                  f"{q.get('weight_type')} weights, reduce_range {q.get('reduce_range')}, "  # type: ignore[union-attr]

@@ -117,13 +117,19 @@ class TensorReader(CalibrationDataReader):
 
 def preprocess_model(src: Path, dst: Path) -> Path:
     """ONNX Runtime's ``quant_pre_process``: symbolic shape inference + graph optimisation (folds BN etc.)."""
+    import contextlib
+
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
-    except Exception as e:  # symbolic shape inference fails on some graphs; plain optimisation still helps
-        log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", str(e)[:200])
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    # when symbolic shape inference fails it leaves sym_shape_infer_temp.onnx and a <uuid>.data in the
+    # working directory: run it from the output's folder (a temporary one in the pipeline)
+    with contextlib.chdir(dst.parent):
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        except Exception as e:  # symbolic shape inference fails on some graphs; plain optimisation still helps
+            log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", str(e)[:200])
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return dst
 
 

@@ -17,6 +17,7 @@ from service.manifest import Manifest, Provenance, sha256_file
 from service.repository import ModelEntry, write_version
 
 from .data import ImageSet, load_tensors, map_classes
+from .detect import DetectFidelity, check_quantizable, detect_fidelity, detector_float_nodes
 from .guard import Fidelity, candidate_nodes, fidelity, rank_sensitive
 from .int8 import QuantizeError, Settings, calibrate, preprocess_model, quantize_with
 from .measure import compare_speed, predict, session
@@ -41,6 +42,14 @@ class QuantizeJob:
     threads: int = 2
     measure_speed: bool = True
     derived_from: str | None = None
+    # detectors (manifest.task == "detect"): the guard's COCO json and its images folder; the drop is
+    # then the absolute mAP@0.5 drop (0.01 = 1 point)
+    detect_eval: tuple[Path, Path] | None = None
+
+
+def show_drop(drop: float, kind: str) -> str:
+    """A drop as people read it: points of mAP for detectors, percent otherwise."""
+    return f"{100 * drop:.2f} pt" if kind.startswith("mAP") else f"{drop:.2%}"
 
 
 @dataclass
@@ -55,8 +64,8 @@ class GuardStep:
 @dataclass
 class QuantizeResult:
     entry: ModelEntry
-    fidelity: Fidelity | None
-    first_fidelity: Fidelity | None
+    fidelity: Fidelity | DetectFidelity | None
+    first_fidelity: Fidelity | DetectFidelity | None
     excluded: list[str]
     steps: list[GuardStep]
     speed: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -72,13 +81,30 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
     """Quantize ``job.source`` into ``job.repository``; raise QuantizeError if the guard cannot be met."""
     started = time.perf_counter()
     m = job.source.manifest
+    detect = m.task == "detect"
+    if detect:
+        check_quantizable(job.source)
     prep = Preprocessor(m.input, m.preprocess, draft=False)
     with tempfile.TemporaryDirectory(prefix="vs-quantize-") as tmp:
         work = Path(tmp)
         cal = _tensors(job.calibration, prep, "calibration")
-        ev = _tensors(job.evaluation, prep, "evaluation") if job.evaluation is not None else None
+        ev = _tensors(job.evaluation, prep, "evaluation") if job.evaluation is not None and not detect else None
         log.info("pre-processing the graph (quant_pre_process)")
         pre = preprocess_model(job.source.model_path, work / "pre.onnx")
+        ref_map = None
+        if detect:
+            # what works for detectors (quantize/detect.py): u8 activations, box tail + first conv in fp32
+            keep = list(dict.fromkeys([*job.settings.nodes_to_exclude, *detector_float_nodes(pre, job.source)]))
+            job = replace(job, settings=replace(job.settings, activation_type="uint8",
+                                                nodes_to_exclude=tuple(keep)))
+            log.info("detector: uint8 activations; kept in float: %s", ", ".join(keep))
+            if job.detect_eval is not None:
+                from .evaluate_detect import evaluate_detection
+
+                coco, images_dir = job.detect_eval
+                ref_map = evaluate_detection(job.source, coco, images_dir, threads=job.threads)
+                log.info("fp32: mAP@0.5 %.3f, mAP@[.5:.95] %.3f on %d images", ref_map["mAP@0.5"],
+                         ref_map["mAP@[.5:.95]"], ref_map["images"])
         with bar(f"calibrating ({job.settings.method})", len(cal)) as advance:
             calib = calibrate(pre, cal, m.input.name, job.settings, work, progress=advance)
         targets = None
@@ -90,9 +116,16 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
                 mapping = map_classes(job.evaluation, m, ref.shape[1])
                 targets = np.asarray([mapping[t] for t in job.evaluation.targets or []])
 
-        def attempt(excluded: list[str], path: Path) -> Fidelity | None:
+        def attempt(excluded: list[str], path: Path) -> Fidelity | DetectFidelity | None:
             s = replace(job.settings, nodes_to_exclude=tuple(excluded))
             quantize_with(pre, path, s, calib.cache)
+            if detect:
+                if ref_map is None or job.detect_eval is None:
+                    return None
+                from .evaluate_detect import evaluate_detection
+
+                return detect_fidelity(ref_map, evaluate_detection(
+                    job.source, job.detect_eval[0], job.detect_eval[1], onnx_path=path, threads=job.threads))
             if ev is None or ref is None:
                 return None
             return fidelity(ref, predict(session(path, job.threads), ev), targets)
@@ -102,8 +135,8 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
         final_path, final, excluded = first_path, first, list(job.settings.nodes_to_exclude)
         steps = [GuardStep(len(excluded), first.drop)] if first else []
         if first is not None:
-            log.info("int8, everything quantized: %s; %s %.2f%%", first.summary(), first.drop_kind,
-                     100 * first.drop)
+            log.info("int8, everything quantized: %s; %s %s", first.summary(), first.drop_kind,
+                     show_drop(first.drop, first.drop_kind))
         if first is not None and job.max_drop is not None and first.drop > job.max_drop:
             final_path, final, excluded, steps = _fall_back(job, pre, first_path, first, cal, attempt, work,
                                                                steps)
@@ -112,24 +145,25 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
     return QuantizeResult(entry, final, first, excluded, steps, speed, time.perf_counter() - started)
 
 
-def _fall_back(job: QuantizeJob, pre: Path, first_path: Path, first: Fidelity, cal: np.ndarray,
+def _fall_back(job: QuantizeJob, pre: Path, first_path: Path, first: Fidelity | DetectFidelity, cal: np.ndarray,
                attempt, work: Path, steps: list[GuardStep]) -> tuple[Path, Fidelity, list[str], list[GuardStep]]:
     """Keep the most sensitive nodes in float, more and more, until the drop fits the budget."""
     assert job.max_drop is not None
-    log.info("over budget (max drop %.2f%%): ranking nodes by the quantization error they add",
-             100 * job.max_drop)
+    kind = first.drop_kind
+    log.info("over budget (max drop %s): ranking nodes by the quantization error they add",
+             show_drop(job.max_drop, kind))
     ranking = rank_sensitive(pre, first_path, cal[:16], job.source.manifest.input.name, how=job.rank_by)
     fixed = list(job.settings.nodes_to_exclude)
     order = [n for n, _ in ranking if n not in fixed]
     limit = int(job.max_excluded * len(candidate_nodes(pre)))
     sizes = [k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if k <= min(limit, len(order))]
-    best: tuple[Path, Fidelity, list[str]] | None = None
+    best: tuple[Path, Fidelity | DetectFidelity, list[str]] | None = None
     lo = 0
     for k in sizes:
         path = work / f"int8-x{k}.onnx"
         f = attempt(fixed + order[:k], path)
         steps.append(GuardStep(len(fixed) + k, f.drop))
-        log.info("  %d kept in float: %s %.2f%%", len(fixed) + k, f.drop_kind, 100 * f.drop)
+        log.info("  %d kept in float: %s %s", len(fixed) + k, f.drop_kind, show_drop(f.drop, kind))
         if f.drop <= job.max_drop:
             best = (path, f, fixed + order[:k])
             break
@@ -137,9 +171,10 @@ def _fall_back(job: QuantizeJob, pre: Path, first_path: Path, first: Fidelity, c
     if best is None:
         worst = min(steps, key=lambda s: s.drop)
         raise QuantizeError(
-            f"the int8 model cannot meet --max-drop {job.max_drop:.2%}: its {steps[0].drop:.2%} "
-            f"({first.drop_kind}) only came down to {worst.drop:.2%} with {worst.excluded} of the most sensitive "
-            f"nodes kept in float (the limit is {limit}, --max-excluded {job.max_excluded:.0%}). Try another "
+            f"the int8 model cannot meet --max-drop {job.max_drop:g} ({show_drop(job.max_drop, kind)}): its "
+            f"{show_drop(steps[0].drop, kind)} ({kind}) only came down to {show_drop(worst.drop, kind)} with "
+            f"{worst.excluded} nodes kept in float ({len(fixed)} from the start, then up to {limit} of the most "
+            f"sensitive: --max-excluded {job.max_excluded:.0%}). Try another "
             f"--method or --target, more calibration images, or a larger --max-drop."
         )
     # the smallest count between the last failing and the first passing size that still passes
@@ -172,7 +207,8 @@ def _speed(job: QuantizeJob, first: Path, final: Path, cal: np.ndarray) -> dict[
     return out
 
 
-def _write(job: QuantizeJob, model: Path, n_cal: int, final: Fidelity | None, first: Fidelity | None,
+def _write(job: QuantizeJob, model: Path, n_cal: int, final: Fidelity | DetectFidelity | None,
+           first: Fidelity | DetectFidelity | None,
            excluded: list[str], steps: list[GuardStep], speed: dict[str, dict[str, float]], started: float
            ) -> ModelEntry:
     import onnx
@@ -185,7 +221,8 @@ def _write(job: QuantizeJob, model: Path, n_cal: int, final: Fidelity | None, fi
                          "format": "QDQ", "pre_process": "quant_pre_process"},
         "calibration": {"source": job.calibration.source, "images": n_cal},
         "guard": {
-            "evaluation": job.evaluation.source if job.evaluation is not None else None,
+            "evaluation": (job.evaluation.source if job.evaluation is not None else
+                           f"{job.detect_eval[0]} (images {job.detect_eval[1]})" if job.detect_eval else None),
             "max_drop": job.max_drop, "ranked_by": job.rank_by,
             "passed": final is not None and (job.max_drop is None or final.drop <= job.max_drop),
             "fidelity": final.as_dict() if final else None,
@@ -195,6 +232,10 @@ def _write(job: QuantizeJob, model: Path, n_cal: int, final: Fidelity | None, fi
         "speed": speed,
         "quantize_seconds": round(time.perf_counter() - started, 1),
     }
+    if isinstance(final, DetectFidelity):
+        notes["detection"] = {"fp32": {"mAP@0.5": final.fp32_map50, "mAP@[.5:.95]": final.fp32_map},
+                              "int8": {"mAP@0.5": final.int8_map50, "mAP@[.5:.95]": final.int8_map},
+                              "mAP@0.5_drop": round(final.drop, 5), "images": final.images}
 
     def build(staging: Path, version: str) -> Manifest:
         shutil.copyfile(model, staging / "model.onnx")
