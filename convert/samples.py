@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -32,12 +31,3 @@ def encode(img: Image.Image, fmt: str = "JPEG", quality: int = 92) -> bytes:
     img.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
-
-def write_samples(directory: Path, names: tuple[str, ...] = SAMPLES) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, img in sample_images(names):
-        p = directory / f"{name}.jpg"
-        img.save(p, quality=92)
-        paths.append(p)
-    return paths

@@ -8,8 +8,6 @@ and ``EVALUATION_PHOTOS`` share none), so the guard never scores the images the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 
@@ -76,12 +74,3 @@ def calibration_images(count: int = 256, seed: int = 0) -> list[Image.Image]:
 def evaluation_images(count: int = 600, seed: int = 1) -> list[Image.Image]:
     return natural_images(EVALUATION_PHOTOS, count, seed)
 
-
-def write_images(images: list[Image.Image], directory: Path, prefix: str = "img") -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(images):
-        p = directory / f"{prefix}_{i:04d}.jpg"
-        img.save(p, quality=92)
-        paths.append(p)
-    return paths
