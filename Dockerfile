@@ -150,7 +150,7 @@ COPY --from=wheel /wheels /wheels
 RUN python3 -m venv /opt/visionserve \
  && /opt/visionserve/bin/pip install "$(ls /wheels/*.whl)[serve]" \
  && /opt/visionserve/bin/pip uninstall -y onnxruntime \
- && /opt/visionserve/bin/pip install --index-url "$JETSON_PIP_INDEX" --extra-index-url https://pypi.org/simple \
+ && /opt/visionserve/bin/pip install --extra-index-url "$JETSON_PIP_INDEX" \
         "onnxruntime-gpu${ORT_GPU_VERSION:+==$ORT_GPU_VERSION}" \
  && /opt/visionserve/bin/python -c "import onnxruntime as ort; print(ort.__version__, ort.get_available_providers())" \
  && rm -rf /wheels \

@@ -40,7 +40,7 @@ grep -q enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 2>/dev/null \
     || skip "qemu-aarch64 is not registered with binfmt_misc (update-binfmts --enable qemu-aarch64)"
 
 t0=$SECONDS
-MIRROR=$(debian_mirror)
+MIRROR=$(debian_mirror) || skip "no Debian mirror found in this machine's apt sources"
 PACKAGES="python3,python3-venv,ca-certificates"
 # The serve dependency set, as pyproject.toml declares it: a change there rebuilds the rootfs.
 SERVE_DEPS=$("$HOST_PY" - <<'PY'
