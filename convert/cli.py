@@ -51,15 +51,10 @@ def convert(
                                                              "(no parity proof)")] = None,
 ) -> None:
     """Export a PyTorch model to ONNX, prove parity with PyTorch, and add it to a model repository."""
-    from pydantic import ValidationError
-
     from service.manifest import Preprocess
-    from service.repository import RepositoryError
 
-    from .export import ExportError
-    from .parity import ParityError
-    from .pipeline import ConvertOptions, convert_model, read_labels
-    from .sources import SourceError, load_source
+    from .pipeline import CONVERSION_ERRORS, ConvertOptions, convert_model, read_labels
+    from .sources import load_source
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if task not in ("classify", "detect"):
@@ -95,8 +90,7 @@ def convert(
             max_batch_size=max_batch_size, overwrite=overwrite,
         )
         entry = convert_model(source, opts)
-    except (SourceError, ExportError, ParityError, RepositoryError, FileNotFoundError, ValueError,
-            ValidationError) as e:
+    except CONVERSION_ERRORS as e:
         fail(str(e))
     m = entry.manifest
     p = m.provenance.parity

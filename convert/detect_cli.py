@@ -18,16 +18,10 @@ def convert_detect(*, repository: Path, name: str, arch: str | None, module: str
                    std: str | None, scale: float, channel_order: str, detect_format: str, output_names: str | None,
                    score_activation: str, objectness: bool, label_offset: int, exporter: str, opset: int,
                    atol: float, rtol: float, max_batch_size: int, overwrite: bool) -> None:
-    from pydantic import ValidationError
-
     from service.manifest import DetectPostprocess
-    from service.repository import RepositoryError
 
     from .detect import default_outputs, default_preprocess, import_onnx_detector, torchvision_labels
-    from .export import ExportError
-    from .parity import ParityError
-    from .pipeline import read_labels
-    from .sources import SourceError
+    from .pipeline import CONVERSION_ERRORS, read_labels
 
     if detect_format not in ("visionserve", "yolo", "torchvision"):
         fail(f"--detect-format must be visionserve, yolo or torchvision, got {detect_format!r}")
@@ -73,8 +67,7 @@ def convert_detect(*, repository: Path, name: str, arch: str | None, module: str
                 max_batch_size=1 if detect_format == "torchvision" else max_batch_size, overwrite=overwrite,
             )
             entry = convert_detector(source, opts)
-    except (SourceError, ExportError, ParityError, RepositoryError, FileNotFoundError, ValueError,
-            ValidationError) as e:
+    except CONVERSION_ERRORS as e:
         fail(str(e))
     m = entry.manifest
     p = m.provenance.parity

@@ -72,8 +72,7 @@ def export_onnx(
                 _dynamo(model, example, path, opset, input_name, names)
             else:
                 _legacy(model, example, path, min(opset, 17), input_name, names)
-            _check_dynamic_batch(path, input_name)
-            used_opset = _opset(path)
+            used_opset = _check(path, input_name)
             log.info("exported with the %s exporter (opset %d)", kind, used_opset)
             return Exported(kind, used_opset, input_name, names)
         except Exception as e:  # exporters raise many types; report them all if nothing works
@@ -107,7 +106,8 @@ def _legacy(model: nn.Module, example: torch.Tensor, path: Path, opset: int, inp
         )
 
 
-def _check_dynamic_batch(path: Path, input_name: str) -> None:
+def _check(path: Path, input_name: str) -> int:
+    """Validate the exported graph and its dynamic batch axis; return its opset."""
     m = onnx.load(str(path))
     onnx.checker.check_model(m)
     inputs = {i.name: i for i in m.graph.input}
@@ -116,8 +116,4 @@ def _check_dynamic_batch(path: Path, input_name: str) -> None:
     dim0 = inputs[input_name].type.tensor_type.shape.dim[0]
     if dim0.HasField("dim_value"):
         raise ExportError(f"the batch axis was fixed to {dim0.dim_value} by the exporter")
-
-
-def _opset(path: Path) -> int:
-    m = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))

@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from service.imaging import Preprocessor
 from service.manifest import (
@@ -23,14 +24,18 @@ from service.manifest import (
     TensorSpec,
     sha256_file,
 )
-from service.repository import ModelEntry, write_version
+from service.repository import ModelEntry, RepositoryError, write_version
 
-from .export import Exporter, export_onnx
-from .parity import ParityCheck, compare
+from .export import Exporter, ExportError, export_onnx
+from .parity import ParityCheck, ParityError, compare
 from .samples import sample_images
-from .sources import Source
+from .sources import Source, SourceError
 
 log = logging.getLogger("visionserve.convert")
+
+# What a conversion can fail with that is the user's to fix: the commands print these and exit 2.
+CONVERSION_ERRORS = (SourceError, ExportError, ParityError, RepositoryError, FileNotFoundError, ValueError,
+                     ValidationError)
 
 
 @dataclass

@@ -224,18 +224,15 @@ class DataPlane:
 
     def list_models(self) -> list[dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        for model in self.registry.models():
+        for model in self.registry.models():  # versions ascending: the latest one describes the model
             m = model.manifest
-            entry = out.setdefault(m.name, {
-                "name": m.name, "versions": [], "task": m.task, "input": {"name": m.input.name,
-                                                                           "shape": m.input.shape},
+            versions = [*out[m.name]["versions"], m.version] if m.name in out else [m.version]
+            out[m.name] = {
+                "name": m.name, "versions": versions, "latest_version": m.version, "task": m.task,
+                "input": {"name": m.input.name, "shape": m.input.shape, "datatype": m.input.datatype},
                 "state": "READY", "execution_provider": model.provider, "max_batch_size": model.max_batch_size,
                 "instances": len(model.runners), "labels": len(m.labels),
-            })
-            entry["versions"].append(m.version)
-            entry["latest_version"] = m.version
-            entry["input"] = {"name": m.input.name, "shape": m.input.shape, "datatype": m.input.datatype}
-            entry["execution_provider"] = model.provider
+            }
         return list(out.values())
 
 

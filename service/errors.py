@@ -60,8 +60,6 @@ class Unavailable(VisionServeError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
-Overloaded = Unavailable
-
 
 class DeadlineExceeded(VisionServeError):
     status_code = 504

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,6 @@ class LoadedModel:
     preprocessor: Preprocessor
     load_seconds: float = 0.0
     ready: bool = False
-    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
