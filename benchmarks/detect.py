@@ -1,6 +1,6 @@
 """Shapes detector: fp32 vs int8 (mAP and throughput at batch 8), and where NMS should run.
 
-    python benchmarks/detect.py                      # ≈ 3 min on 2 cores
+    python benchmarks/detect.py                      # ≈ 20 s on 2 cores
     python benchmarks/detect.py --images 200 --runs 30 --reduce-range
 
 1. Builds ``shapes_detector`` (convert/detect_default.py) in a temporary repository.

@@ -1,6 +1,6 @@
-"""Train the shapes detector on CPU in about ten minutes, then report COCO mAP on the test split.
+"""Train the shapes detector on CPU in about five minutes, then report COCO mAP on the test split.
 
-    python examples/train_shapes_detector.py                      # train (≈10 min on 2 cores) + evaluate
+    python examples/train_shapes_detector.py                      # train (≈5.5 min on 2 cores) + evaluate
     python examples/train_shapes_detector.py --eval-only          # evaluate the committed weights
     python examples/train_shapes_detector.py --write-test-split   # (re)write tests/data/shapes
 
