@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -70,8 +69,12 @@ def test_test_split_round_trips_with_boxes_on_the_objects(server: Server) -> Non
         for d in body["detections"]:
             x1, y1, x2, y2 = d["box"]
             assert 0 <= x1 <= x2 <= info["width"] and 0 <= y1 <= y2 <= info["height"]
-        found.append(matched(body["detections"], truth.get(info["id"], []), names) if info["id"] in truth else 1)
-    assert np.mean(found) >= 0.9, found
+        objects = truth.get(info["id"], [])
+        found.append((matched(body["detections"], objects, names) if objects else 1.0, len(objects)))
+    # at the trained model's quality (0.98 mAP@0.5): 70 of the 72 objects, every object in 18 of the 20 images
+    recall = sum(f * n for f, n in found) / sum(n for _, n in found)
+    assert recall >= 0.95, found
+    assert sum(f == 1.0 for f, _ in found) >= 17, found
 
 
 def test_exif_rotated_and_non_square_images_map_back(server: Server) -> None:
