@@ -14,9 +14,7 @@ from pathlib import Path
 import typer
 
 from service.manifest import DetectPostprocess, sha256_file
-from service.repository import ModelEntry, RepositoryError, load_entry, versions
-
-log = logging.getLogger("visionserve.convert")
+from service.repository import ModelEntry, valid_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "examples" / "shapes_detector.pt"
@@ -25,15 +23,7 @@ NAME = "shapes_detector"
 
 
 def _current(repo: Path, weights_sha: str) -> ModelEntry | None:
-    for v in reversed(versions(repo, NAME)):
-        try:
-            entry = load_entry(repo / NAME / v, verify_checksum=True)
-        except RepositoryError as e:
-            log.warning("%s", e)
-            continue
-        if entry.manifest.provenance.weights_sha256 == weights_sha:
-            return entry
-    return None
+    return next((e for e in valid_entries(repo, NAME) if e.manifest.provenance.weights_sha256 == weights_sha), None)
 
 
 def build_default_detector(repo: Path, name: str = NAME) -> ModelEntry:

@@ -12,12 +12,9 @@ Idempotent: a readable existing entry is kept (the detector's only while it deri
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from service.repository import RepositoryError, has_valid_version, load_entry, versions
-
-log = logging.getLogger("visionserve.quantize")
+from service.repository import has_valid_version, valid_entries
 
 SOURCE = "mobilenet_v2"
 NAME = "mobilenet_v2_int8"
@@ -57,14 +54,9 @@ def build_default_int8(repo: Path) -> None:
 
 
 def _derives_from(repo: Path, name: str, parent: str) -> bool:
-    for v in reversed(versions(repo, name)):
-        try:
-            entry = load_entry(repo / name / v, verify_checksum=True)
-        except RepositoryError as e:
-            log.warning("%s", e)
-            continue
-        return entry.manifest.provenance.derived_from == parent
-    return False
+    """Whether the newest readable version of ``name`` was made from ``parent`` (name:version)."""
+    latest = next(valid_entries(repo, name), None)
+    return latest is not None and latest.manifest.provenance.derived_from == parent
 
 
 def build_default_detector_int8(repo: Path) -> None:

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,15 +85,19 @@ def load_entry(directory: Path, *, verify_checksum: bool = False) -> ModelEntry:
     return entry
 
 
-def has_valid_version(repo: Path, name: str) -> bool:
-    """Whether some version of ``name`` reads back and matches its checksum (broken ones are logged)."""
-    for version in versions(repo, name):
+def valid_entries(repo: Path, name: str) -> Iterator[ModelEntry]:
+    """The versions of ``name`` that read back and match their checksum, newest first (broken ones are
+    logged and skipped)."""
+    for version in reversed(versions(repo, name)):
         try:
-            load_entry(Path(repo) / name / version, verify_checksum=True)
-            return True
+            yield load_entry(Path(repo) / name / version, verify_checksum=True)
         except RepositoryError as e:
             log.warning("%s", e)
-    return False
+
+
+def has_valid_version(repo: Path, name: str) -> bool:
+    """Whether some version of ``name`` reads back and matches its checksum."""
+    return next(valid_entries(repo, name), None) is not None
 
 
 def write_version(
