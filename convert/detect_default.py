@@ -22,6 +22,12 @@ LABELS = ROOT / "examples" / "shapes_labels.txt"
 NAME = "shapes_detector"
 
 
+def examples_importable() -> None:
+    """Put the project root on ``sys.path``: examples/ lives beside the packages, not inside one."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
 def _current(repo: Path, weights_sha: str) -> ModelEntry | None:
     return next((e for e in valid_entries(repo, NAME) if e.manifest.provenance.weights_sha256 == weights_sha), None)
 
@@ -38,8 +44,7 @@ def build_default_detector(repo: Path, name: str = NAME) -> ModelEntry:
     if name == NAME and (entry := _current(repo, sha256_file(WEIGHTS))) is not None:
         typer.echo(f"{entry.directory.parent} is up to date")
         return entry
-    if str(ROOT) not in sys.path:  # examples/ lives beside the packages, not inside one
-        sys.path.insert(0, str(ROOT))
+    examples_importable()
     from examples.shapes_detector import INPUT_SIZE
 
     source = load_source(module="examples.shapes_detector:build", weights=WEIGHTS)

@@ -60,10 +60,11 @@ def _derives_from(repo: Path, name: str, parent: str) -> bool:
 
 
 def build_default_detector_int8(repo: Path) -> None:
-    import sys
     import tempfile
 
     import typer
+
+    from convert.detect_default import examples_importable
 
     from .data import scan_folder
     from .int8 import detect_target, settings_for
@@ -76,9 +77,7 @@ def build_default_detector_int8(repo: Path) -> None:
     if _derives_from(repo, DETECTOR_INT8, parent):
         typer.echo(f"{repo}/{DETECTOR_INT8} is up to date")
         return
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:  # examples/ lives beside the packages, not inside one
-        sys.path.insert(0, root)
+    examples_importable()
     from examples.shapes_data import split, write_coco
 
     with tempfile.TemporaryDirectory(prefix="vs-shapes-") as tmp:
