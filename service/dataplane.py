@@ -108,8 +108,7 @@ class DataPlane:
     # -- native API ----------------------------------------------------------------------------------
     async def classify(self, model: LoadedModel, data: bytes, k: int, deadline: float | None
                        ) -> dict[str, Any]:
-        if model.manifest.task != "classify":
-            raise InvalidParameter(f"model {model.name} is a {model.manifest.task} model; use /{model.manifest.task}")
+        _require_task(model, "classify")
         if not 1 <= k <= self.settings.max_top_k:
             raise InvalidParameter(f"top_k must be between 1 and {self.settings.max_top_k}, got {k}")
         outputs, _ = await self.within(deadline, self.run_image(model, data, deadline))
@@ -121,8 +120,7 @@ class DataPlane:
                      max_detections: int, deadline: float | None) -> dict[str, Any]:
         from . import detection
 
-        if model.manifest.task != "detect":
-            raise InvalidParameter(f"model {model.name} is a {model.manifest.task} model; use /{model.manifest.task}")
+        _require_task(model, "detect")
         if not 0.0 <= score_threshold <= 1.0:
             raise InvalidParameter(f"score_threshold must be in [0, 1], got {score_threshold}")
         if not 0.0 <= iou_threshold <= 1.0:
@@ -241,6 +239,11 @@ def classification_strings(model: LoadedModel, output: np.ndarray, k: int) -> np
     rows = [[f"{p['score']:f}:{p['index']}:{p['label']}" for p in top_k(model.manifest, row, k)]
             for row in output]
     return np.array(rows, dtype=object)
+
+
+def _require_task(model: LoadedModel, task: str) -> None:
+    if model.manifest.task != task:
+        raise InvalidParameter(f"model {model.name} is a {model.manifest.task} model; use /{model.manifest.task}")
 
 
 def _outcome(e: VisionServeError) -> str:
