@@ -16,6 +16,12 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:,.{digits}f}"
 
@@ -36,9 +42,7 @@ def plot_distribution(runs: list[tuple[str, dict[str, Any]]], path: Path) -> Non
     ax.set_title("latency distribution (HDR)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_curve(sweep: dict[str, Any], path: Path) -> None:
@@ -59,9 +63,7 @@ def plot_curve(sweep: dict[str, Any], path: Path) -> None:
     ax.set_title("latency vs throughput")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_batching(sweep: dict[str, Any], path: Path) -> bool:
@@ -84,9 +86,7 @@ def plot_batching(sweep: dict[str, Any], path: Path) -> bool:
     ax.set_title("batch size vs load (server's /metrics)")
     ax.grid(True, alpha=0.3)
     fig.legend(loc="upper left", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -104,9 +104,7 @@ def plot_timeline(run: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("p99 (ms)")
     ax.set_title("per-window throughput and p99")
     fig.legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _run_section(run: dict[str, Any]) -> list[str]:
