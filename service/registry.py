@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -16,10 +19,15 @@ from .imaging import Preprocessor
 from .manifest import Manifest
 from .metrics import Metrics
 from .repository import ModelEntry, scan
-from .runtime import Runner, default_threads
+from .runtime import Runner, default_threads, terminable_run_options
 from .settings import ModelSettings, Settings
 
 log = logging.getLogger("visionserve.registry")
+T = TypeVar("T")
+
+
+class LoadCancelled(Exception):
+    """The server is stopping: model loading gave up between two steps."""
 
 
 @dataclass
@@ -57,15 +65,19 @@ class Registry:
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self.ready = False
         self.error: str | None = None
+        # Stopping while models load: checked between load steps; an in-flight warm-up run is terminated.
+        self._stopping = threading.Event()
+        self._warmup_runs: set[object] = set()
+        self._loader: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def load_all(self) -> None:
         """Load and warm up every model in the repository; readiness turns true only after all of them."""
-        entries = await asyncio.to_thread(scan, self.settings.repository, verify_checksum=True)
+        entries = await self._off_loop(lambda: scan(self.settings.repository, verify_checksum=True))
         if not entries:
             raise FileNotFoundError(f"no models in repository {self.settings.repository}")
         for entry in entries:
-            model = await asyncio.to_thread(self._load, entry)
+            model = await self._off_loop(lambda entry=entry: self._load(entry))
             model.batcher.start()
             self._models[(model.name, model.version)] = model
             model.ready = True
@@ -75,12 +87,66 @@ class Registry:
                      len(model.runners))
         self.ready = True
 
+    async def _off_loop(self, fn: Callable[[], T]) -> T:
+        """Run a load step on a daemon thread: a stopping server never waits at exit for a native call
+        (an ONNX Runtime session being created) that cannot be interrupted."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(value: T | None, error: BaseException | None) -> None:
+            if done.cancelled():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(value)  # type: ignore[arg-type]
+
+        def target() -> None:
+            try:
+                value = fn()
+            except BaseException as e:
+                loop.call_soon_threadsafe(settle, None, e)
+            else:
+                loop.call_soon_threadsafe(settle, value, None)
+
+        self._loader = threading.Thread(target=target, name="load-models", daemon=True)
+        self._loader.start()
+        return await done
+
+    def cancel_loading(self) -> None:
+        """Stop loading models as soon as possible: between steps, and mid-run for a warm-up inference."""
+        self._stopping.set()
+        for options in list(self._warmup_runs):
+            options.terminate = True  # type: ignore[attr-defined]
+
+    def loading_thread_alive(self) -> bool:
+        return self._loader is not None and self._loader.is_alive()
+
+    def _check_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise LoadCancelled("the server is stopping")
+
+    def _warm_up(self, runner: Runner, batch: np.ndarray) -> None:
+        options = terminable_run_options()
+        self._warmup_runs.add(options)
+        try:
+            self._check_stopping()
+            runner.run(batch, options)
+        except Exception:
+            self._check_stopping()  # a terminated run is a cancellation, not a failure
+            raise
+        finally:
+            self._warmup_runs.discard(options)
+
     def _load(self, entry: ModelEntry) -> LoadedModel:
         started = time.perf_counter()
         m = entry.manifest
         cfg = self.settings.for_model(m.name)
         threads = default_threads(cfg)
-        runners = [Runner(entry.model_path, cfg, threads=threads) for _ in range(cfg.instances)]
+        runners = []
+        for _ in range(cfg.instances):
+            self._check_stopping()
+            runners.append(Runner(entry.model_path, cfg, threads=threads))
         # torchvision's post-processed detectors answer for one image, without a batch axis
         split = not (m.task == "detect" and getattr(m.postprocess, "format", "") == "torchvision")
         max_batch = (cfg.max_batch_size or m.max_batch_size) if split else 1
@@ -104,7 +170,8 @@ class Registry:
             shape = [d if d > 0 else 1 for d in m.input.shape[1:]]
             for r in runners:
                 for n in sorted({1, max_batch}):
-                    r.run(np.zeros((n, *shape), dtype=np.float32))
+                    self._warm_up(r, np.zeros((n, *shape), dtype=np.float32))
+        self._check_stopping()
         model = LoadedModel(m, entry.directory, cfg, runners, batcher, pre)
         model.load_seconds = time.perf_counter() - started
         metrics.load_seconds.labels(*labels).set(model.load_seconds)
@@ -115,6 +182,7 @@ class Registry:
     async def close(self) -> None:
         """Finish every accepted request, then stop."""
         self.ready = False
+        self.cancel_loading()
         await asyncio.gather(*(m.batcher.stop() for m in self._models.values()))
 
     # -- lookup --------------------------------------------------------------------------------------

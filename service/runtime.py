@@ -94,8 +94,15 @@ class Runner:
     def provider(self) -> str:
         return self.providers[0]
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {self.input_name: batch})
+    def run(self, batch: np.ndarray, options: ort.RunOptions | None = None) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {self.input_name: batch}, options)
+
+
+def terminable_run_options() -> ort.RunOptions:
+    """Run options whose ``terminate = True``, set from another thread, stops the run between operators."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # a terminated run is expected, not worth an error line
+    return options
 
 
 def default_threads(cfg: ModelSettings) -> int:

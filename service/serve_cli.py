@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -58,6 +59,13 @@ def serve(
                             timeout_graceful_shutdown=settings.graceful_timeout_s or None, access_log=False)
     server = GracefulServer(config)
     server.run()
+    registry = getattr(app.state, "registry", None)
+    if registry is not None and registry.loading_thread_alive():
+        # Stopped while ONNX Runtime was still creating a session (a native call nothing can interrupt):
+        # every accepted request has been answered, so leave now rather than wait for it.
+        logging.getLogger("visionserve").info("exiting while a model session is still being created")
+        logging.shutdown()
+        os._exit(0)
     if not server.started:
         raise typer.Exit(1)
 

@@ -43,10 +43,13 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
                 log.error("%s", registry.error)
 
         loader = asyncio.create_task(load(), name="load-models")
+        app.state.registry = registry
         try:
             yield
         finally:
-            if not loader.done():
+            if not loader.done():  # stopping during start-up: give up loading, serve what is loaded
+                log.info("stopping while models load: loading cancelled")
+                registry.cancel_loading()
                 loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await registry.close()  # every accepted request is finished before this returns
