@@ -1,38 +1,27 @@
 """The Helm chart renders to valid Kubernetes manifests for the default, GPU and Jetson values.
 
-helm is not installable here, so tests/helm_render/ renders the chart with what Helm itself uses: Go's
-text/template with the Sprig functions and Helm's own built-ins (include, tpl, required, toYaml...). The
-merged values are checked against values.schema.json (as `helm install` does), every manifest against the
+Rendered by Helm itself: ``helm-python-sdk`` (import ``helm_python``, a wheel bundling Helm v4's Go SDK; no
+helm binary, no Go toolchain). Its render validates the merged values against ``values.schema.json`` as
+``helm install`` does, and ``helm lint`` runs on the chart. Every manifest is then validated against the
 Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields fail) for the oldest and newest
 Kubernetes the chart supports, and the serving config against the server's own settings model.
-
-Needs Go and Debian's Go sources of Sprig and ghodss/yaml:
-    apt-get install -y golang-go golang-github-masterminds-sprig-dev golang-github-ghodss-yaml-dev
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "visionserve"
-RENDERER = ROOT / "tests" / "helm_render"
-GOPATH = Path("/usr/share/gocode")
-GO_DEPS = [GOPATH / "src/github.com/Masterminds/sprig", GOPATH / "src/github.com/ghodss/yaml"]
-APT = "apt-get install -y golang-go golang-github-masterminds-sprig-dev golang-github-ghodss-yaml-dev"
 
+helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (dev extra)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (dev extra)")
-jsonschema = pytest.importorskip("jsonschema")
-
-if shutil.which("go") is None or not all(p.is_dir() for p in GO_DEPS):
-    pytest.skip(f"Go with Sprig is needed to render the Helm chart: {APT}", allow_module_level=True)
 
 KUBE_VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]
 CRD_KINDS = {"ServiceMonitor"}  # not in the Kubernetes schemas; checked by hand below
@@ -47,29 +36,36 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def renderer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("helm_render") / "helm_render"
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": str(GOPATH), "CGO_ENABLED": "0"}
-    env.setdefault("GOCACHE", str(Path(os.environ.get("XDG_CACHE_HOME", "/tmp")) / "visionserve-go-build"))
-    subprocess.run(["go", "build", "-o", str(out), "."], cwd=RENDERER, env=env, check=True)
-    return out
+def values_files(files: list[str]) -> dict[str, Any]:
+    """``-f a.yaml -f b.yaml`` as the helm CLI merges them before the chart's defaults (Helm's
+    ``pkg/cli/values`` mergeMaps: maps merge key by key, anything else in a later file wins)."""
 
+    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
 
-def render(renderer: Path, tmp_path: Path, files: list[str], *extra: str) -> tuple[list[dict], dict]:
-    values_out = tmp_path / "values.json"
-    args = [str(renderer), "--name", "vs", "--namespace", "serving", "--values-out", str(values_out)]
+    merged: dict[str, Any] = {}
     for f in files:
-        args += ["-f", str(f if Path(f).is_absolute() else CHART / f)]
-    proc = subprocess.run([*args, *extra, str(CHART)], capture_output=True, text=True)
-    if proc.returncode:
-        raise RenderError(proc.stderr)
-    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    return docs, json.loads(values_out.read_text())
+        path = Path(f) if Path(f).is_absolute() else CHART / f
+        merged = merge(merged, yaml.safe_load(path.read_text()) or {})
+    return merged
 
 
-class RenderError(Exception):
-    pass
+@pytest.fixture(scope="module")
+def chart() -> Any:
+    with helm.Chart.load(CHART) as c:
+        yield c
+
+
+def render(chart: Any, files: list[str]) -> tuple[list[dict], dict]:
+    """Helm's render of the chart with these values files; returns the manifests and the values used."""
+    user = values_files(files)
+    manifests = chart.render(user, name="vs", namespace="serving")
+    docs = [d for path, text in sorted(manifests.items()) if path.endswith((".yaml", ".yml"))
+            for d in yaml.safe_load_all(text) if d]
+    return docs, chart.merge_values(user)
 
 
 def by_kind(docs: list[dict]) -> dict[str, dict]:
@@ -78,10 +74,11 @@ def by_kind(docs: list[dict]) -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
-def schema_errors(values: dict) -> list[str]:
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    validator = jsonschema.Draft7Validator(schema)
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(values)]
+def test_helm_lint_finds_nothing_to_fix() -> None:
+    for files in CASES.values():
+        report = helm.lint(CHART, values_files(files), strict=True)
+        assert report["errors"] == [], report
+        assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
 def check_settings(env: dict[str, str]) -> None:
@@ -107,9 +104,9 @@ def check_settings(env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_renders_valid_manifests(renderer: Path, tmp_path: Path, case: str) -> None:
-    docs, values = render(renderer, tmp_path, CASES[case])
-    assert schema_errors(values) == []
+def test_renders_valid_manifests(chart: Any, case: str) -> None:
+    docs, values = render(chart, CASES[case])
+    chart.validate_schema(values)
     for doc in docs:
         if doc["kind"] in CRD_KINDS:
             continue
@@ -175,8 +172,8 @@ def test_renders_valid_manifests(renderer: Path, tmp_path: Path, case: str) -> N
             assert init["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_gpu_values(renderer: Path, tmp_path: Path) -> None:
-    docs, _ = render(renderer, tmp_path, CASES["gpu"])
+def test_gpu_values(chart: Any) -> None:
+    docs, _ = render(chart, CASES["gpu"])
     pod = by_kind(docs)["Deployment"]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["image"].endswith(":0.1.0-cuda")
@@ -189,8 +186,8 @@ def test_gpu_values(renderer: Path, tmp_path: Path) -> None:
     assert mounts["/cache/tensorrt"] == "tensorrt-cache"
 
 
-def test_jetson_values(renderer: Path, tmp_path: Path) -> None:
-    docs, _ = render(renderer, tmp_path, CASES["jetson"])
+def test_jetson_values(chart: Any) -> None:
+    docs, _ = render(chart, CASES["jetson"])
     k = by_kind(docs)
     pod = k["Deployment"]["spec"]["template"]["spec"]
     assert pod["runtimeClassName"] == "nvidia"
@@ -202,36 +199,36 @@ def test_jetson_values(renderer: Path, tmp_path: Path) -> None:
     assert k["Deployment"]["spec"]["replicas"] == 1
 
 
-def test_schema_refuses_bad_values(renderer: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({
+def test_schema_refuses_bad_values(chart: Any) -> None:
+    bad = {
         "modelRepository": {"source": "pvc"},
         "image": {"flavor": "tpu"},
         "config": {"LOG_LEVEL": "info"},
         "replicas": 3,
-    }))
-    _, values = render(renderer, tmp_path, [str(bad)], "--values-only")
-    errors = "\n".join(schema_errors(values))
+    }
+    with pytest.raises(helm.HelmValuesError) as refused:
+        chart.validate_schema(chart.merge_values(bad))
+    errors = str(refused.value)
     assert "claimName" in errors
-    assert "'tpu' is not one of" in errors
+    assert "value must be one of 'cpu', 'cuda', 'jetson'" in errors
     assert "LOG_LEVEL" in errors
-    assert "'replicas' was unexpected" in errors
+    assert "'replicas' not allowed" in errors
+    with pytest.raises(helm.HelmValuesError, match="flavor"):  # and the render refuses them, as install does
+        chart.render(bad, name="vs", namespace="serving")
 
 
-def test_required_values_fail_the_render(renderer: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "init.yaml"
-    bad.write_text("modelRepository:\n  source: init\n")
-    with pytest.raises(RenderError, match=r"modelRepository.init.url \(or init.command\) is required"):
-        render(renderer, tmp_path, [str(bad)])
+def test_required_values_fail_the_render(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"modelRepository.init.url \(or init.command\) is required"):
+        chart.render({"modelRepository": {"source": "init"}}, name="vs", namespace="serving")
 
 
-def test_null_removes_a_default_and_later_files_win(renderer: Path, tmp_path: Path) -> None:
-    """Helm's coalescing rules, which the renderer must follow for the cases above to mean anything."""
+def test_null_removes_a_default_and_later_files_win(chart: Any, tmp_path: Path) -> None:
+    """Helm's rules for several values files and for null, which the cases above rely on."""
     a = tmp_path / "a.yaml"
     a.write_text("nodeSelector: {disk: ssd}\nresources:\n  limits: null\n")
     b = tmp_path / "b.yaml"
     b.write_text("nodeSelector: {disk: nvme}\n")
-    docs, values = render(renderer, tmp_path, [str(a), str(b)])
+    docs, values = render(chart, [str(a), str(b)])
     pod = by_kind(docs)["Deployment"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"disk": "nvme"}
     assert "limits" not in pod["containers"][0]["resources"]
