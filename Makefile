@@ -47,13 +47,20 @@ lint: setup
 bench: models
 	$(BIN)/python benchmarks/serve_vs_ceiling.py --repository $(REPO)
 
+# Time budgets for the two deployment checks, cold (nothing cached) with a wide margin on a busy 2-core
+# machine: SIGTERM at the budget, and the scripts' traps stop every process and mount they made.
+# --foreground keeps the script in the terminal's process group, so that Ctrl-C reaches it too.
+CONTAINER_BUDGET_S ?= 1200
+ARM64_BUDGET_S ?= 1800
+
 ## test-container: build the cpu image with podman, run it, classify over HTTP, SIGTERM it (skips without podman)
 test-container: setup
-	REPO=$(REPO) bash tests/container/test_container.sh
+	REPO=$(REPO) timeout --foreground -s TERM -k 60 $(CONTAINER_BUDGET_S) bash tests/container/test_container.sh
 
 ## test-arm64: run the server on aarch64 under qemu-user-static and compare with x86 (skips without qemu)
 test-arm64: setup
-	REPO=$(REPO) HOST_PY=$(abspath $(BIN))/python bash tests/container/test_arm64.sh
+	REPO=$(REPO) HOST_PY=$(abspath $(BIN))/python timeout --foreground -s TERM -k 60 $(ARM64_BUDGET_S) \
+	    bash tests/container/test_arm64.sh
 
 clean:
 	rm -rf $(REPO) build *.egg-info

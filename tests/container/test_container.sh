@@ -7,6 +7,9 @@
 # (cached under $VISIONSERVE_CONTAINER_TMP, default /tmp/visionserve-container), passed as BASE_IMAGE.
 # The default model repository (make models) is baked in with MODELS=context.
 #
+# Every process it starts is stopped and the test container removed on success, failure, timeout and Ctrl-C
+# (tests/container/lib.sh); what a run killed with SIGKILL left behind is removed by the next run.
+#
 # Skips (exit 0, with the reason) where podman is missing or not root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,6 +28,15 @@ command -v curl >/dev/null || skip "curl is missing"
 
 t0=$SECONDS
 podman_env
+NAME=visionserve-test-$$
+remove_test_containers() {  # this test's containers, and buildah's working containers of a killed build
+    podman ps -a --format '{{.Names}}' 2>/dev/null | grep '^visionserve-test-' | xargs -r podman rm -f -t 0 \
+        >/dev/null 2>&1 || true
+    buildah rm --all >/dev/null 2>&1 || true
+}
+track_state "$VS_TMP/container-state" "$VS_TMP/cache"
+remove_test_containers
+VS_CLEANUP_HOOKS+=(remove_test_containers)
 if [[ ! -f $REPO/mobilenet_v2/1/manifest.json ]]; then
     log "no $REPO/mobilenet_v2: make models"
     make -s models REPO="$REPO"
@@ -35,7 +47,7 @@ t_base=$SECONDS
 log "podman build --target cpu (BASE_IMAGE=$BASE, MODELS=context)"
 # pip inside the build uses this machine's CA bundle (PyPI may sit behind a TLS proxy): mounted for the
 # build only, never copied into an image layer.
-podman build --format docker --target cpu \
+run podman build --format docker --target cpu \
     --build-arg BASE_IMAGE="$BASE" --build-arg MODELS=context \
     -v /etc/ssl/certs:/etc/ssl/certs:ro \
     -t "$TAG" . >"$VS_TMP/build.log" 2>&1 \
@@ -53,9 +65,6 @@ podman run --rm --network none --no-healthcheck --entrypoint sh "$TAG" -c \
     || die "the image has torch, or no baked models"
 
 PORT=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-NAME=visionserve-test-$$
-cleanup() { podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true; }
-trap cleanup EXIT
 log "podman run $TAG on 127.0.0.1:$PORT (read-only root, tmpfs /tmp, as in the Helm chart)"
 # --health-interval=disable: no systemd here to run the timer; the check is run by hand below.
 podman run -d --name "$NAME" --network host --read-only --tmpfs /tmp:rw,size=256m \
