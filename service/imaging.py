@@ -1,13 +1,19 @@
 """Encoded image → model input tensor, and the geometry to map boxes back.
 
-Decode (with JPEG draft mode when the model input is much smaller), honour EXIF orientation, refuse
-decompression bombs, then resize/crop/letterbox and normalise exactly as the manifest says. Pure Pillow
-and numpy: both release the GIL, so this runs in a thread pool beside inference.
+Decode (JPEGs scaled down in the DCT domain when the model input is much smaller), honour EXIF orientation,
+refuse decompression bombs, then resize/crop/letterbox and normalise exactly as the manifest says.
+
+JPEGs go through libjpeg-turbo (``simplejpeg``) where it is installed: the pixel count is checked from the
+header before anything is decoded, and the decoder scales by any factor N/8 (Pillow's draft mode only by
+1/2, 1/4 or 1/8), so a 451x300 photo for a 224 input decodes at 339x225 instead of in full. Everything else
+(PNG, WebP, BMP, CMYK JPEGs) goes through Pillow. All of it releases the GIL, so this runs in a thread pool
+beside inference.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +23,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import BadImage, PayloadTooLarge
 from .manifest import InputSpec, Preprocess
 
+try:
+    import simplejpeg
+except ImportError:  # an optional speed-up: Pillow decodes everything without it
+    simplejpeg = None
+
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -24,6 +35,13 @@ _RESAMPLE = {
 }
 
 DEFAULT_MAX_PIXELS = 40_000_000
+
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose does)
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,10 @@ class Preprocessor:
     # -- public --------------------------------------------------------------------------------------
     def __call__(self, data: bytes) -> tuple[np.ndarray, Geometry]:
         """Encoded bytes → (tensor of the input's shape without the batch axis, geometry)."""
+        if simplejpeg is not None and data[:2] == b"\xff\xd8":
+            fast = self._decode_jpeg(data)
+            if fast is not None:
+                return self.from_image(*fast)
         img, (ow, oh) = decode(data, draft_size=self._draft_size(data), max_pixels=self.max_pixels)
         return self.from_image(img, original_size=(ow, oh))
 
@@ -131,6 +153,44 @@ class Preprocessor:
         return self._normalise(pixels), geo
 
     # -- steps ---------------------------------------------------------------------------------------
+    def _decode_jpeg(self, data: bytes) -> tuple[Image.Image, tuple[int, int]] | None:
+        """libjpeg-turbo decode at the smallest N/8 scale the resize step still shrinks from; None: use Pillow
+        (not a baseline/progressive YCbCr or grey JPEG, or a header it cannot read: Pillow says why)."""
+        try:
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            return None
+        if colorspace not in ("YCbCr", "Gray") or w <= 0 or h <= 0:
+            return None
+        if w * h > self.max_pixels:
+            raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_pixels}")
+        orientation = _exif_orientation(data)
+        swap = orientation in (5, 6, 7, 8)
+        ow, oh = (h, w) if swap else (w, h)  # upright size
+        mw, mh = self._min_decode_size(ow, oh) if self.draft else (ow, oh)
+        if swap:
+            mw, mh = mh, mw
+        try:
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=mw, min_height=mh)
+        except ValueError as e:  # corrupt or truncated
+            raise BadImage(f"cannot decode image: {e}") from None
+        img = Image.fromarray(pixels)
+        if orientation in _ORIENT:
+            img = img.transpose(_ORIENT[orientation])
+        return img, (ow, oh)
+
+    def _min_decode_size(self, ow: int, oh: int) -> tuple[int, int]:
+        """The smallest upright decode size from which the resize step still only shrinks."""
+        th, tw = self.height, self.width
+        policy = self.pre.resize_policy
+        if policy == "stretch":
+            return tw, th
+        if policy == "letterbox":
+            r = min(tw / ow, th / oh)
+            return math.ceil(ow * r), math.ceil(oh * r)
+        size = self.pre.resize or min(th, tw)  # shorter side
+        return (size, 0) if ow <= oh else (0, size)
+
     def _draft_size(self, data: bytes) -> tuple[int, int] | None:
         if not self.draft:
             return None
@@ -161,24 +221,45 @@ class Preprocessor:
             nw, nh = size, int(size * h / w)
         else:
             nw, nh = int(size * w / h), size
-        resized = img.resize((nw, nh), self._resample) if (nw, nh) != (w, h) else img
         top = int(round((nh - th) / 2.0))
         left = int(round((nw - tw) / 2.0))
         if nh < th or nw < tw:  # torchvision pads when the crop is larger than the image
+            resized = img.resize((nw, nh), self._resample) if (nw, nh) != (w, h) else img
             pad = np.zeros((max(th, nh), max(tw, nw), 3), dtype=np.uint8)
             pt, pl = max(0, (th - nh) // 2), max(0, (tw - nw) // 2)
             pad[pt:pt + nh, pl:pl + nw] = np.asarray(resized)
             arr = pad[:th, :tw]
             return arr, Geometry(ow, oh, nw / ow, nh / oh, float(pl), float(pt))
-        arr = np.asarray(resized.crop((left, top, left + tw, top + th)))
+        if (nw, nh) == (w, h):
+            arr = np.asarray(img.crop((left, top, left + tw, top + th)))
+        else:  # resize only the part the crop keeps: the same sampling as resize-then-crop, a third less work
+            sx, sy = w / nw, h / nh
+            arr = np.asarray(img.resize((tw, th), self._resample,
+                                        box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy)))
         return arr, Geometry(ow, oh, nw / ow, nh / oh, float(-left), float(-top))
 
     def _normalise(self, pixels: np.ndarray) -> np.ndarray:
-        x = pixels.astype(np.float32)
+        """uint8 HWC → float32 in the model's layout: transpose the bytes first, then one multiply and one
+        add into a fresh contiguous array (5x cheaper than converting, scaling and transposing floats)."""
         if self.pre.channel_order == "BGR":
-            x = x[..., ::-1]
-        x *= self._a
-        x += self._b
+            pixels = pixels[..., ::-1]
+        a, b = self._a, self._b
         if self.spec.layout == "NCHW":
-            x = x.transpose(2, 0, 1)
-        return np.ascontiguousarray(x)
+            pixels = pixels.transpose(2, 0, 1)
+            a, b = a[:, None, None], b[:, None, None]
+        out = np.empty(pixels.shape, dtype=np.float32)
+        np.multiply(pixels, a, out=out)
+        out += b
+        return out
+
+
+def _exif_orientation(data: bytes) -> int:
+    """The EXIF orientation of a JPEG (1, upright, when it has none); Pillow reads it only if there is EXIF."""
+    if b"Exif\x00\x00" not in data[:65536]:
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            value = img.getexif().get(0x0112, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
