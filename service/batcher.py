@@ -7,9 +7,13 @@
 - The queue holds ``(item, future)`` pairs: a caller that gave up (cancelled future) is skipped, never
   breaks its neighbours; an item past its deadline is failed with DeadlineExceeded and not run.
 - Shutdown drains: every accepted item is run before the workers stop.
+- An item may come with a ``prepare`` function (decode + preprocess an encoded image) that the worker runs on
+  its own thread just before inference: one pipeline per core, the decoded pixels still in that core's cache,
+  no hand-off between a decode pool and the inference threads. A bad image fails only its own request.
+- A lone item on an idle engine (every worker idle, nothing else queued) may run on ``solo``, a session that
+  uses every core: c=1 latency without oversubscribing the cores under load.
 
-Items arrive already decoded and preprocessed, so a bad image fails only its own request. Nothing here
-knows about HTTP.
+Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +33,7 @@ from .errors import DeadlineExceeded, Unavailable, VisionServeError
 log = logging.getLogger("visionserve.batcher")
 
 RunBatch = Callable[[np.ndarray], Sequence[np.ndarray]]
+Prepare = Callable[[Any], tuple[np.ndarray, Any]]
 
 
 class InferenceFailed(VisionServeError):
@@ -39,13 +45,15 @@ class BatchStats:
     size: int
     queue_waits: list[float]
     inference_s: float
+    prepare_s: list[float] = field(default_factory=list)  # per prepared item, on the worker's thread
 
 
 @dataclass
 class _Work:
-    item: np.ndarray
-    future: asyncio.Future[list[np.ndarray]]
+    item: Any  # a tensor, or what ``prepare`` turns into one
+    future: asyncio.Future[Any]
     deadline: float | None  # time.monotonic() seconds
+    prepare: Prepare | None = None
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -63,10 +71,12 @@ class Batcher:
         split_outputs: bool = True,
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "model",
+        solo: RunBatch | None = None,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
         self.runners = list(runners)
+        self.solo = solo
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_delay_s = max_delay_s
@@ -78,6 +88,8 @@ class Batcher:
         self._workers: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=len(self.runners), thread_name_prefix=f"infer-{name}")
         self._closed = False
+        self._busy = 0  # workers running a batch
+        self.solo_runs = 0
 
     @property
     def depth(self) -> int:
@@ -88,15 +100,17 @@ class Batcher:
         self._workers = [asyncio.create_task(self._work(r), name=f"batcher-{self.name}-{i}")
                          for i, r in enumerate(self.runners)]
 
-    async def submit(self, item: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
-        """Queue one item; returns its slice of every output. Raises Unavailable when full or closed."""
+    async def submit(self, item: Any, deadline: float | None = None, prepare: Prepare | None = None) -> Any:
+        """Queue one item; returns its slice of every output, or ``(outputs, extra)`` when ``prepare`` (which
+        returns ``(tensor, extra)``) turns the item into a tensor. Raises Unavailable when full or closed, and
+        whatever ``prepare`` raised for this item."""
         if self._closed:
             raise Unavailable(f"model {self.name} is shutting down")
         if self._pending >= self.max_queue:
             raise Unavailable(f"model {self.name} is overloaded: {self._pending} requests queued")
-        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending += 1
-        self._queue.put_nowait(_Work(item, future, deadline))
+        self._queue.put_nowait(_Work(item, future, deadline, prepare))
         return await future
 
     async def stop(self) -> None:
@@ -168,13 +182,13 @@ class Batcher:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, live: list[_Work]) -> None:
         started = time.monotonic()
+        if self.solo is not None and len(live) == 1 and self._busy == 0 and self._queue.empty():
+            runner = self.solo  # alone on an idle engine: every core for this one
+            self.solo_runs += 1
+        self._busy += 1
         try:
-            stacked = np.stack([w.item for w in live])
-            outputs = await loop.run_in_executor(self._executor, runner, stacked)
-            if self.split_outputs:
-                bad = [o.shape for o in outputs if o.shape[:1] != (len(live),)]
-                if bad:
-                    raise InferenceFailed(f"model returned outputs {bad} for a batch of {len(live)}")
+            outputs, extras, failed, prepare_s = await loop.run_in_executor(self._executor, self._execute, runner,
+                                                                             live)
         except Exception as e:
             log.exception("batch of %d failed on %s", len(live), self.name)
             err = e if isinstance(e, VisionServeError) else InferenceFailed(f"inference failed: {e}")
@@ -182,9 +196,46 @@ class Batcher:
                 if not w.future.done():
                     w.future.set_exception(err)
             return
-        elapsed = time.monotonic() - started
-        for i, w in enumerate(live):
-            if not w.future.done():
-                w.future.set_result([o[i] for o in outputs] if self.split_outputs else list(outputs))
-        if self.on_batch is not None:
-            self.on_batch(BatchStats(len(live), [started - w.enqueued for w in live], elapsed))
+        finally:
+            self._busy -= 1
+        elapsed = time.monotonic() - started - sum(prepare_s)
+        ran = [w for w in live if id(w) not in failed]
+        for w in live:
+            if id(w) in failed and not w.future.done():
+                w.future.set_exception(failed[id(w)])
+        for i, w in enumerate(ran):
+            if w.future.done():
+                continue
+            result = [o[i] for o in outputs] if self.split_outputs else list(outputs)
+            w.future.set_result((result, extras[i]) if w.prepare is not None else result)
+        if self.on_batch is not None and ran:
+            self.on_batch(BatchStats(len(ran), [started - w.enqueued for w in ran], elapsed, prepare_s))
+
+    def _execute(self, runner: RunBatch, live: list[_Work]
+                 ) -> tuple[Sequence[np.ndarray], list[Any], dict[int, BaseException], list[float]]:
+        """On the worker's thread: prepare each item (a failure fails only that item), stack, run."""
+        tensors, extras, prepare_s = [], [], []
+        failed: dict[int, BaseException] = {}
+        for w in live:
+            if w.prepare is None:
+                tensors.append(w.item)
+                extras.append(None)
+                continue
+            t0 = time.perf_counter()
+            try:
+                tensor, extra = w.prepare(w.item)
+            except Exception as e:
+                failed[id(w)] = e
+                continue
+            finally:
+                prepare_s.append(time.perf_counter() - t0)
+            tensors.append(tensor)
+            extras.append(extra)
+        if not tensors:
+            return [], [], failed, prepare_s
+        outputs = runner(np.stack(tensors))
+        if self.split_outputs:
+            bad = [o.shape for o in outputs if o.shape[:1] != (len(tensors),)]
+            if bad:
+                raise InferenceFailed(f"model returned outputs {bad} for a batch of {len(tensors)}")
+        return outputs, extras, failed, prepare_s

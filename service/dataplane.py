@@ -101,6 +101,8 @@ class DataPlane:
 
     async def run_image(self, model: LoadedModel, data: bytes, deadline: float | None
                         ) -> tuple[list[np.ndarray], Geometry]:
+        if model.plan.decode_in_worker:  # the inference worker decodes it: one pipeline per core
+            return await model.batcher.submit(data, deadline, prepare=model.preprocessor)  # type: ignore[no-any-return]
         tensor, geometry = await self.preprocess(model, data)
         outputs = await model.batcher.submit(tensor, deadline)
         return outputs, geometry
@@ -215,6 +217,7 @@ class DataPlane:
             "instance_group": [{"name": m.name, "kind": "KIND_GPU" if gpu else "KIND_CPU",
                                 "count": len(model.runners)}],
             "dynamic_batching": {"max_queue_delay_microseconds": int(model.config.max_batch_delay_ms * 1000),
+                                 "preferred_batch_size": [model.plan.batch],
                                  "default_queue_policy": {"max_queue_size": model.config.max_queue}},
             "parameters": {"execution_provider": {"string_value": model.provider},
                            "task": {"string_value": m.task}},

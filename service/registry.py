@@ -19,7 +19,7 @@ from .imaging import Preprocessor
 from .manifest import Manifest
 from .metrics import Metrics
 from .repository import ModelEntry, scan
-from .runtime import Runner, default_threads, terminable_run_options
+from .runtime import Plan, Runner, plan, release_arena_after, terminable_run_options
 from .settings import ModelSettings, Settings
 
 log = logging.getLogger("visionserve.registry")
@@ -38,6 +38,8 @@ class LoadedModel:
     runners: list[Runner]
     batcher: Batcher
     preprocessor: Preprocessor
+    plan: Plan
+    max_batch_size: int  # the largest batch a client may send (the batcher forms plan.batch at most)
     load_seconds: float = 0.0
     ready: bool = False
 
@@ -48,10 +50,6 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return self.manifest.version
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.batcher.max_batch_size
 
     @property
     def provider(self) -> str:
@@ -82,9 +80,11 @@ class Registry:
             self._models[(model.name, model.version)] = model
             model.ready = True
             self.metrics.ready.labels(model.name, model.version).set(1)
-            log.info("model %s version %s ready on %s in %.2f s (max batch %d, %d instance(s))", model.name,
-                     model.version, model.provider, model.load_seconds, model.max_batch_size,
-                     len(model.runners))
+            log.info("model %s version %s ready on %s in %.2f s (%d instance(s) x %d thread(s), batches of up "
+                     "to %d, solo session %s, max client batch %d)", model.name, model.version, model.provider,
+                     model.load_seconds, len(model.runners), model.plan.intra_threads, model.plan.batch,
+                     f"{model.plan.solo_threads} threads" if model.plan.solo_threads else "off",
+                     model.max_batch_size)
         self.ready = True
 
     async def _off_loop(self, fn: Callable[[], T]) -> T:
@@ -126,8 +126,10 @@ class Registry:
         if self._stopping.is_set():
             raise LoadCancelled("the server is stopping")
 
-    def _warm_up(self, runner: Runner, batch: np.ndarray) -> None:
+    def _warm_up(self, runner: Runner, batch: np.ndarray, *, release: bool = False) -> None:
         options = terminable_run_options()
+        if release:
+            release_arena_after(options)
         self._warmup_runs.add(options)
         try:
             self._check_stopping()
@@ -142,14 +144,19 @@ class Registry:
         started = time.perf_counter()
         m = entry.manifest
         cfg = self.settings.for_model(m.name)
-        threads = default_threads(cfg)
-        runners = []
-        for _ in range(cfg.instances):
-            self._check_stopping()
-            runners.append(Runner(entry.model_path, cfg, threads=threads))
         # torchvision's post-processed detectors answer for one image, without a batch axis
         split = not (m.task == "detect" and getattr(m.postprocess, "format", "") == "torchvision")
         max_batch = (cfg.max_batch_size or m.max_batch_size) if split else 1
+        layout = plan(cfg, max_batch)
+        sessions = []
+        for _ in range(1 if layout.shared_session else layout.instances):
+            self._check_stopping()
+            sessions.append(Runner(entry.model_path, cfg, threads=layout.intra_threads))
+        runners = sessions * layout.instances if layout.shared_session else sessions
+        solo = None
+        if layout.solo_threads:
+            self._check_stopping()
+            solo = Runner(entry.model_path, cfg, threads=layout.solo_threads, spinning=True)
         labels = (m.name, m.version)
         metrics = self.metrics
 
@@ -158,21 +165,25 @@ class Registry:
             metrics.inference.labels(*labels).observe(stats.inference_s)
             for w in stats.queue_waits:
                 metrics.queue_wait.labels(*labels).observe(w)
+            for t in stats.prepare_s:
+                metrics.preprocess.labels(*labels).observe(t)
 
         batcher = Batcher(
-            [r.run for r in runners], max_batch_size=max_batch, max_queue=cfg.max_queue,
+            [r.run for r in runners], max_batch_size=layout.batch, max_queue=cfg.max_queue,
             max_delay_s=cfg.max_batch_delay_ms / 1000.0, split_outputs=split,
-            on_batch=on_batch, name=m.name,
+            on_batch=on_batch, name=m.name, solo=solo.run if solo else None,
         )
         pre = Preprocessor(m.input, m.preprocess, max_pixels=self.settings.max_pixels,
                            draft=self.settings.jpeg_draft)
-        if self.settings.warmup:
+        if self.settings.warmup:  # the batch sizes the batcher forms; the largest run's arena handed back
             shape = [d if d > 0 else 1 for d in m.input.shape[1:]]
-            for r in runners:
-                for n in sorted({1, max_batch}):
-                    self._warm_up(r, np.zeros((n, *shape), dtype=np.float32))
+            for r in sessions:
+                for n in sorted({1, layout.batch}):
+                    self._warm_up(r, np.zeros((n, *shape), dtype=np.float32), release=n == layout.batch)
+            if solo is not None:
+                self._warm_up(solo, np.zeros((1, *shape), dtype=np.float32))
         self._check_stopping()
-        model = LoadedModel(m, entry.directory, cfg, runners, batcher, pre)
+        model = LoadedModel(m, entry.directory, cfg, runners, batcher, pre, layout, max_batch)
         model.load_seconds = time.perf_counter() - started
         metrics.load_seconds.labels(*labels).set(model.load_seconds)
         metrics.queue_depth.labels(*labels).set_function(lambda: batcher.depth)
