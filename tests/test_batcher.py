@@ -229,3 +229,23 @@ def test_any_interleaving_gives_the_answers_of_one_by_one(values: list[tuple[flo
     for (v, _), out in zip(values, run(main())):
         np.testing.assert_allclose(out[0], item(v) * 2, rtol=1e-6)
         assert out[1] == pytest.approx(float(np.float32(v)) + 1, rel=1e-5, abs=1e-5)
+
+
+def test_lone_requests_take_the_solo_session_and_a_burst_does_not() -> None:
+    async def main() -> None:
+        rec, solo = Recorder(), Recorder()
+        b = Batcher([rec, rec], max_batch_size=4, solo=solo)
+        b.start()
+        for v in range(3):  # one at a time: each alone on an idle engine
+            assert (await b.submit(item(v)))[0].tolist() == [2 * v, 2.0]
+        assert (b.solo_runs, solo.sizes, rec.sizes) == (3, [1, 1, 1], [])
+        await asyncio.gather(*(b.submit(item(v)) for v in range(16)))  # a burst: batches on the workers
+        assert b.solo_runs == 3 and sum(rec.sizes) == 16 and max(rec.sizes) == 4
+        await b.submit(item(99))  # right after the burst the engine is idle, but load was just high
+        assert b.solo_runs == 3
+        for v in range(20):  # the moving average of requests in the system decays: lone again
+            await b.submit(item(v))
+        assert b.solo_runs > 3
+        await b.stop()
+
+    run(main())
