@@ -228,3 +228,98 @@ def compare(
     except ValueError as exc:
         _fail(str(exc))
     Console().print(render(rows, title))
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{what} takes comma-separated whole numbers, got {text!r}")
+    if not values or min(values) < 1:
+        _fail(f"{what} takes comma-separated numbers >= 1, got {text!r}")
+    return values
+
+
+def tune(
+    repository: Annotated[Path, typer.Option("--repository", "-r", help="model repository")],
+    model: Annotated[str, typer.Option("--model", "-m", help="the model to tune (its newest version)")],
+    slo_p99_ms: Annotated[float, typer.Option("--slo-p99-ms", help="p99 latency target")] = 100.0,
+    out: Annotated[Path, typer.Option("--out", help="the config file to write (serve --config reads it)")] = Path(
+        "serve.yaml"),
+    report: Annotated[Path | None, typer.Option("--report", help="report directory (default: beside --out)")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="image file or directory sent (default: sample "
+                                                               "photos)")] = None,
+    instances: Annotated[str | None, typer.Option(help="instances to try (default: 1 and the usable CPUs)")] = None,
+    threads: Annotated[str | None, typer.Option(help="intra-op threads to try (default: 1 and the usable CPUs)")
+                       ] = None,
+    batch: Annotated[str, typer.Option(help="largest batches the batcher forms, to try")] = "1,4,8",
+    delay_ms: Annotated[str, typer.Option(help="batch delays to try, ms")] = "0,2",
+    duration: Annotated[float, typer.Option(help="seconds per measurement window")] = 2.0,
+    max_steps: Annotated[int, typer.Option(help="concurrency levels per candidate at most (1, 2, 4, ...)")] = 7,
+) -> None:
+    """Sweep instances x intra-op threads x batch x delay against a p99 target; write the best serving config."""
+    from rich.console import Console
+
+    from service.cpus import available_cpus
+    from service.repository import RepositoryError, valid_entries
+
+    from .tune import grid
+    from .tune import tune as run_tune
+
+    console = Console(stderr=True)
+    try:
+        entry = next(valid_entries(repository, model), None)
+    except RepositoryError as e:
+        _fail(str(e))
+    if entry is None:
+        _fail(f"no valid version of model {model!r} in {repository}")
+    if entry.manifest.task != "classify":
+        _fail(f"tune drives /classify; {model} is a {entry.manifest.task} model")
+    cpus = available_cpus()
+    default = sorted({1, cpus})
+    try:
+        candidates = grid(_ints(instances, "--instances") if instances else default,
+                          _ints(threads, "--threads") if threads else default, _ints(batch, "--batch"),
+                          [float(v) for v in delay_ms.split(",") if v.strip()], cpus)
+    except ValueError as e:
+        _fail(str(e))
+    images = _tune_images(image)
+    report_dir = report or out.parent / f"{out.stem}-report"
+    console.print(f"tuning {model} on {cpus} usable CPUs: {len(candidates)} candidates, p99 <= {slo_p99_ms:g} ms")
+
+    def progress(i: int, n: int, o: Any) -> None:
+        result = (f"{o.best_rps:.1f} req/s at c={o.best_concurrency}, p99 {o.best_p99_ms:.1f} ms"
+                  if o.best_rps is not None else (o.error or "no level met the target"))
+        console.print(f"[{i}/{n}] {o.candidate.label}: {result}")
+
+    _, winner = run_tune(entry.directory.parent, model, images, candidates, slo_p99_ms=slo_p99_ms,
+                         duration=duration, max_steps=max_steps, out=out, report_dir=report_dir, progress=progress)
+    if winner is None:
+        _fail(f"no candidate met p99 <= {slo_p99_ms:g} ms; report: {report_dir / 'report.md'}", code=1)
+    console.print(f"best: {winner.candidate.label}: {winner.best_rps:.1f} req/s, p99 {winner.best_p99_ms:.1f} ms")
+    console.print(f"wrote {out} (visionserve serve --config {out}) and {report_dir / 'report.md'}")
+
+
+def _tune_images(image: Path | None) -> list[bytes]:
+    """--image as given, else one synthetic 640x480 photo-like JPEG (pass real photos for real figures: JPEG
+    decoding costs what the pictures' size and detail make it cost)."""
+    if image is not None:
+        from .payloads import load_images
+
+        try:
+            return load_images(image)
+        except ValueError as e:
+            _fail(str(e))
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    base = np.stack([128 + 100 * np.sin(x / 37.0), 128 + 100 * np.cos(y / 23.0), 128 + 60 * np.sin((x + y) / 51.0)],
+                    axis=-1)
+    pixels = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return [buf.getvalue()]

@@ -34,6 +34,7 @@ COMMANDS = {
     "evaluate": ("quantize.cli", "evaluate"),
     "optimize": ("quantize.cli", "optimize"),
     "loadtest": ("loadtest.cli", "loadtest"),
+    "tune": ("loadtest.cli", "tune"),
 }
 
 for _name, (_module, _func) in COMMANDS.items():
