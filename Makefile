@@ -45,7 +45,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: models
-	$(BIN)/python benchmarks/serve_vs_ceiling.py --repository $(REPO)
+	$(BIN)/python benchmarks/serving.py --repository $(REPO)
 
 # Time budgets for the two deployment checks, cold (nothing cached) with a wide margin on a busy 2-core
 # machine: SIGTERM at the budget, and the scripts' traps stop every process and mount they made.
