@@ -2,8 +2,9 @@
 
 For each point of the grid instances × intra-op threads × preferred batch × batch delay it starts a real
 ``visionserve serve`` (this Python, a repository holding only the model tuned, the candidate settings in a
-config file), sweeps closed-loop concurrency upwards with the load generator until the p99 target breaks or
-throughput stops rising, and keeps the best level that met the target. The winner is written as a config
+config file), runs closed-loop concurrency 1, 2, 4, ... (``max_steps`` levels, every one of them: on a shared
+machine a noisy step must not end a sweep early) with the load generator, and keeps the best level that met
+the p99 target. The winner is written as a config
 file ``serve --config`` reads (its ``models.<name>`` section), beside ``tune.json``, ``report.md`` and a plot.
 
 Every server is stopped before the next starts; every sweep is bounded (steps, windows, seconds).
@@ -101,7 +102,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def evaluate(candidate: Candidate, *, model_dir: Path, model: str, images: list[bytes], slo_p99_ms: float,
              duration: float, max_steps: int, workdir: Path) -> Outcome:
-    """Serve with this candidate, sweep concurrency 1, 2, 4, ... and keep the best level within the target."""
+    """Serve with this candidate, run concurrency 1, 2, 4, ... and keep the best level within the target."""
     repo = workdir / "repo"
     if not (repo / model).exists():
         (repo / model).mkdir(parents=True)
@@ -123,7 +124,8 @@ def evaluate(candidate: Candidate, *, model_dir: Path, model: str, images: list[
         _wait_ready(url, proc, log)
         base = LoadConfig(url=url, model=model, kind="classify", images=images, concurrency=1, duration=duration,
                           warmup=1.0, metrics=False)
-        sweep = run_sweep(base, SweepSpec("closed", None, 1.0), slo_p99_ms=slo_p99_ms, max_steps=max_steps,
+        levels = [float(2**k) for k in range(max_steps)]
+        sweep = run_sweep(base, SweepSpec("closed", levels, 1.0), slo_p99_ms=slo_p99_ms, max_steps=max_steps,
                           max_windows=max(3, int(duration)))
     except Exception as e:  # a candidate the server refuses, or one that never gets ready
         return Outcome(candidate, None, None, None, [], error=str(e).splitlines()[0][:300])
@@ -186,7 +188,8 @@ def _plot(outcomes: list[Outcome], winner: Outcome | None, slo: float, path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(len(outcomes))])
     for o in outcomes:
         if not o.curve:
             continue
@@ -201,7 +204,7 @@ def _plot(outcomes: list[Outcome], winner: Outcome | None, slo: float, path: Pat
     ax.set_yscale("log")
     ax.set_title("visionserve tune: each line sweeps concurrency 1, 2, 4, ... for one setting")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
