@@ -45,7 +45,8 @@ class DataPlane:
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
-        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads or settings.usable_cpus(),
+                                               thread_name_prefix="decode")
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=True)

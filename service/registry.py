@@ -147,7 +147,7 @@ class Registry:
         # torchvision's post-processed detectors answer for one image, without a batch axis
         split = not (m.task == "detect" and getattr(m.postprocess, "format", "") == "torchvision")
         max_batch = (cfg.max_batch_size or m.max_batch_size) if split else 1
-        layout = plan(cfg, max_batch)
+        layout = plan(cfg, max_batch, cpus=self.settings.usable_cpus())
         sessions = []
         for _ in range(1 if layout.shared_session else layout.instances):
             self._check_stopping()

@@ -75,8 +75,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(default=40_000_000, ge=1024)
     """Decoded image size limit (decompression bombs get 413)."""
-    decode_threads: int = Field(default_factory=lambda: available_cpus(), ge=1)
-    """Threads decoding images where the inference workers do not decode themselves (GPU providers)."""
+    cpus: int = Field(default=0, ge=0, le=4096)
+    """CPUs to size the thread pools for. 0: what this process may really use (affinity mask and cgroup CPU
+    quota). The Helm chart sets it from the pod's CPU request: with a request and no limit there is no quota."""
+    decode_threads: int | None = Field(default=None, ge=1)
+    """Threads decoding images where the inference workers do not decode themselves (GPU providers); default:
+    ``cpus``."""
     jpeg_draft: bool = True
     """Decode large JPEGs at 1/2, 1/4 or 1/8 scale when the model input is much smaller."""
     warmup: bool = True
@@ -98,6 +102,9 @@ class Settings(BaseSettings):
             except Exception as e:
                 raise ValueError(f"models.{name}: {e}") from None
         return v
+
+    def usable_cpus(self) -> int:
+        return self.cpus or available_cpus()
 
     def for_model(self, name: str) -> ModelSettings:
         over = self.models.get(name) or self.models.get(name.upper()) or self.models.get(name.lower()) or {}

@@ -49,9 +49,10 @@ def test_no_cgroup_files_means_no_quota(tmp_path: Path) -> None:
 
 
 def _server_threads(env: dict[str, str], prefix: list[str]) -> dict[str, int]:
-    code = ("import json; from service.cpus import available_cpus; from service.settings import Settings; "
-            "from service.runtime import plan; s = Settings(); p = plan(s.defaults, 32, gpu=False); "
-            "print(json.dumps({'cpus': available_cpus(), 'decode': s.decode_threads, "
+    code = ("import json; from service.settings import Settings; "
+            "from service.runtime import plan; s = Settings(); "
+            "p = plan(s.defaults, 32, gpu=False, cpus=s.usable_cpus()); "
+            "print(json.dumps({'cpus': s.usable_cpus(), 'decode': s.decode_threads or s.usable_cpus(), "
             "'instances': p.instances, 'solo': p.solo_threads}))")
     out = subprocess.run([*prefix, sys.executable, "-c", code], env={**os.environ, **env}, cwd=ROOT,
                          capture_output=True, text=True, check=True)
@@ -73,6 +74,12 @@ def test_a_fake_cgroup_quota_sizes_the_server(tmp_path: Path) -> None:
     (root / "pod" / "cpu.max").write_text("250000 100000\n")  # 2.5 CPUs: three workers may run
     got = _server_threads({"VISIONSERVE_CGROUP_ROOT": str(root)}, [])
     assert got["cpus"] == min(3, len(os.sched_getaffinity(0)))
+
+
+def test_the_cpus_setting_overrides_what_is_found() -> None:
+    """The Helm chart passes the pod's CPU request: with a request and no limit there is no cgroup quota."""
+    got = _server_threads({"VISIONSERVE_CPUS": "1"}, [])
+    assert got == {"cpus": 1, "decode": 1, "instances": 1, "solo": 0}
 
 
 def test_available_cpus_never_exceeds_the_affinity_mask() -> None:

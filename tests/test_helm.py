@@ -130,6 +130,10 @@ def test_renders_valid_manifests(chart: Any, case: str) -> None:
 
     config = k["ConfigMap"]["data"]
     assert c["envFrom"] == [{"configMapRef": {"name": k["ConfigMap"]["metadata"]["name"]}}]
+    cpus = next(e for e in c["env"] if e["name"] == "VISIONSERVE_CPUS")  # threads sized from the CPU request
+    assert cpus["valueFrom"]["resourceFieldRef"] == {"containerName": c["name"], "resource": "requests.cpu",
+                                                     "divisor": "1"}
+    check_settings({"VISIONSERVE_CPUS": "2"})
     check_settings(config)
     drain = float(config["VISIONSERVE_GRACEFUL_TIMEOUT_S"])
     pre_stop = float(c["lifecycle"]["preStop"]["exec"]["command"][1])
