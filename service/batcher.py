@@ -207,10 +207,11 @@ class Batcher:
                                                                              live)
         except Exception as e:
             log.exception("batch of %d failed on %s", len(live), self.name)
+            own = getattr(e, "item_errors", {})  # items whose decode failed keep their own error
             err = e if isinstance(e, VisionServeError) else InferenceFailed(f"inference failed: {e}")
             for w in live:
                 if not w.future.done():
-                    w.future.set_exception(err)
+                    w.future.set_exception(own.get(id(w), err))
             return
         finally:
             self._busy -= 1
@@ -249,9 +250,13 @@ class Batcher:
             extras.append(extra)
         if not tensors:
             return [], [], failed, prepare_s
-        outputs = runner(np.stack(tensors))
-        if self.split_outputs:
-            bad = [o.shape for o in outputs if o.shape[:1] != (len(tensors),)]
-            if bad:
-                raise InferenceFailed(f"model returned outputs {bad} for a batch of {len(tensors)}")
+        try:
+            outputs = runner(np.stack(tensors))
+            if self.split_outputs:
+                bad = [o.shape for o in outputs if o.shape[:1] != (len(tensors),)]
+                if bad:
+                    raise InferenceFailed(f"model returned outputs {bad} for a batch of {len(tensors)}")
+        except Exception as e:
+            e.item_errors = failed  # type: ignore[attr-defined]
+            raise
         return outputs, extras, failed, prepare_s

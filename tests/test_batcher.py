@@ -249,3 +249,57 @@ def test_lone_requests_take_the_solo_session_and_a_burst_does_not() -> None:
         await b.stop()
 
     run(main())
+
+
+def test_a_bad_item_in_a_prepared_batch_fails_alone() -> None:
+    """Workers decode (``prepare``) on their own thread: one undecodable item among good ones gets its own
+    error, the others their answers and what prepare returned beside the tensor."""
+    from service.errors import BadImage
+
+    def prepare(raw: float) -> tuple[np.ndarray, str]:
+        if raw < 0:
+            raise BadImage(f"cannot decode {raw}")
+        return item(raw), f"geometry of {raw}"
+
+    async def main() -> None:
+        rec = Recorder(hold_first=True)
+        b = Batcher([rec], max_batch_size=8)
+        b.start()
+        first = asyncio.create_task(b.submit(0.0, prepare=prepare))
+        await wait_started(rec)  # the engine is busy: the next four leave together
+        rest = [asyncio.create_task(b.submit(v, prepare=prepare)) for v in (1.0, -1.0, 2.0, 3.0)]
+        await asyncio.sleep(0.01)
+        rec.gate.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        await b.stop()
+        assert rec.sizes == [1, 3]  # the bad one never reached the model
+        assert isinstance(results[2], BadImage)
+        for r, v in zip([results[0], *results[1:2], *results[3:]], (0.0, 1.0, 2.0, 3.0)):
+            outputs, extra = r
+            assert outputs[0].tolist() == [2 * v, 2.0] and extra == f"geometry of {v}"
+
+    run(main())
+
+
+def test_an_inference_failure_keeps_the_decode_errors_of_its_batch() -> None:
+    from service.errors import BadImage
+
+    def prepare(raw: float) -> tuple[np.ndarray, None]:
+        if raw < 0:
+            raise BadImage("undecodable")
+        return item(raw), None
+
+    def broken(batch: np.ndarray) -> list[np.ndarray]:
+        raise RuntimeError("the engine fell over")
+
+    async def main() -> None:
+        b = Batcher([broken], max_batch_size=8)
+        tasks = [asyncio.create_task(b.submit(v, prepare=prepare)) for v in (1.0, -1.0)]
+        await asyncio.sleep(0.01)  # both queued before any worker exists: one batch
+        b.start()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await b.stop()
+        assert isinstance(results[0], InferenceFailed) and "fell over" in str(results[0])
+        assert isinstance(results[1], BadImage)  # a 400 for the bad image, not the batch's 500
+
+    run(main())
