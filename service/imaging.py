@@ -107,12 +107,30 @@ def decode(
         img = ImageOps.exif_transpose(img) or img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
         raise BadImage(f"cannot decode image: {e}") from None
-    if img.mode != "RGB":
-        try:
-            img = img.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise BadImage(f"cannot convert image to RGB: {e}") from None
+    try:
+        img = to_rgb(img)
+    except (OSError, ValueError) as e:
+        raise BadImage(f"cannot convert image to RGB: {e}") from None
     return img, (full_w, full_h)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB with the same look. Pillow's own ``convert("RGB")`` clips 16-bit and 32-bit
+    grey (``I;16``, ``I``) at 255, so a 16-bit PNG came out all white; those are scaled to 8 bits here, and
+    float images (``F``) are read as 0..1 when they lie in it, else as 0..255."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img)
+        if img.mode.startswith("I;16"):
+            a8 = (a.astype(np.uint32) + 128) // 257
+        elif img.mode == "I":
+            a8 = (a.astype(np.int64) + 128) // 257 if a.max(initial=0) > 255 else a
+        else:
+            a8 = a * 255.0 if a.size and np.nanmin(a) >= 0 and np.nanmax(a) <= 1.0 else a
+            a8 = np.nan_to_num(a8)
+        return Image.fromarray(np.clip(a8, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
 
 
 class Preprocessor:
@@ -146,8 +164,7 @@ class Preprocessor:
 
     def from_image(self, img: Image.Image, original_size: tuple[int, int] | None = None
                    ) -> tuple[np.ndarray, Geometry]:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(img)
         ow, oh = original_size or img.size
         pixels, geo = self._geometry_and_pixels(img, ow, oh)
         return self._normalise(pixels), geo
@@ -221,22 +238,23 @@ class Preprocessor:
             nw, nh = size, int(size * h / w)
         else:
             nw, nh = int(size * w / h), size
-        top = int(round((nh - th) / 2.0))
-        left = int(round((nw - tw) / 2.0))
-        if nh < th or nw < tw:  # torchvision pads when the crop is larger than the image
-            resized = img.resize((nw, nh), self._resample) if (nw, nh) != (w, h) else img
-            pad = np.zeros((max(th, nh), max(tw, nw), 3), dtype=np.uint8)
-            pt, pl = max(0, (th - nh) // 2), max(0, (tw - nw) // 2)
-            pad[pt:pt + nh, pl:pl + nw] = np.asarray(resized)
-            arr = pad[:th, :tw]
-            return arr, Geometry(ow, oh, nw / ow, nh / oh, float(pl), float(pt))
+        # torchvision pads to the crop size where the resized image is smaller, then takes the centre crop.
+        # Only the region the crop keeps is resized, so the intermediate is never larger than the input tensor,
+        # whatever the aspect ratio (a 20000x1 PNG would otherwise resize to 4.48 M x 224 pixels).
+        left, pad_l, rw = (int(round((nw - tw) / 2.0)), 0, tw) if nw >= tw else (0, (tw - nw) // 2, nw)
+        top, pad_t, rh = (int(round((nh - th) / 2.0)), 0, th) if nh >= th else (0, (th - nh) // 2, nh)
         if (nw, nh) == (w, h):
-            arr = np.asarray(img.crop((left, top, left + tw, top + th)))
-        else:  # resize only the part the crop keeps: the same sampling as resize-then-crop, a third less work
+            region = np.asarray(img.crop((left, top, left + rw, top + rh)))
+        else:
             sx, sy = w / nw, h / nh
-            arr = np.asarray(img.resize((tw, th), self._resample,
-                                        box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy)))
-        return arr, Geometry(ow, oh, nw / ow, nh / oh, float(-left), float(-top))
+            region = np.asarray(img.resize((rw, rh), self._resample,
+                                           box=(left * sx, top * sy, (left + rw) * sx, (top + rh) * sy)))
+        geometry = Geometry(ow, oh, nw / ow, nh / oh, float(pad_l - left), float(pad_t - top))
+        if (rw, rh) == (tw, th):
+            return region, geometry
+        canvas = np.zeros((th, tw, 3), dtype=np.uint8)
+        canvas[pad_t:pad_t + rh, pad_l:pad_l + rw] = region
+        return canvas, geometry
 
     def _normalise(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 HWC → float32 in the model's layout: transpose the bytes first, then one multiply and one
