@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .cpus import available_cpus
 from .settings import ModelSettings
 
 log = logging.getLogger("visionserve.runtime")
@@ -136,9 +135,9 @@ class Plan:
     shared_session: bool  # the instances run concurrently on one session (CPU) or each has its own (GPU)
 
 
-def plan(cfg: ModelSettings, max_batch: int, *, gpu: bool | None = None, cpus: int | None = None) -> Plan:
-    """Settings left unset filled in from the CPUs really available (affinity and cgroup quota)."""
-    cpus = cpus or available_cpus()
+def plan(cfg: ModelSettings, max_batch: int, *, cpus: int, gpu: bool | None = None) -> Plan:
+    """Settings left unset filled in from ``cpus``, the CPUs really available (``Settings.usable_cpus()``: the
+    ``cpus`` setting, else the affinity mask and cgroup quota)."""
     gpu = gpu_preferred(cfg) if gpu is None else gpu
     # On the CPU provider the instances share one session: ONNX Runtime's Run is thread-safe, and with one
     # intra-op thread each concurrent run computes on its caller's thread. Measured against a session each:
