@@ -249,16 +249,20 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self._draining = True
         if self._request_open():
-            self.cycle.keep_alive = False
+            self._last_cycle().keep_alive = False
             return
         self._unset_keepalive_if_required()
         self.loop.call_later(self.limits.drain_idle_close_s, self._close_if_idle)
+
+    def _last_cycle(self) -> Any:
+        """The request answered last on this connection: pipelined ones wait in ``pipeline`` (newest first)."""
+        return self.pipeline[0][0] if self.pipeline else self.cycle
 
     def _close_if_idle(self) -> None:
         if self.transport.is_closing():
             return
         if self._request_open():
-            self.cycle.keep_alive = False
+            self._last_cycle().keep_alive = False
         elif not self._in_headers:
             self.transport.close()
         else:  # a request is arriving: let it finish, then close
