@@ -38,7 +38,7 @@ def conv_stack(path: Path, *, size: int, width: int, depth: int) -> None:
 
 
 def write_conv_stack(repo: Path, name: str, *, size: int, width: int, depth: int, max_batch_size: int = 16,
-                     version: str = "1") -> Path:
+                     version: str = "1", preprocess: Preprocess | None = None) -> Path:
     """Add ``conv_stack`` as model ``name`` to ``repo`` (a classifier with labels "0".."width-1")."""
 
     def build(staging: Path, version: str) -> Manifest:
@@ -48,7 +48,8 @@ def write_conv_stack(repo: Path, name: str, *, size: int, width: int, depth: int
             name=name, version=version, task="classify",
             input=InputSpec(name="input", shape=[-1, 3, size, size]),
             outputs=[TensorSpec(name="logits", shape=[-1, width])],
-            preprocess=Preprocess(resize_policy="stretch"), postprocess=ClassifyPostprocess(output="logits"),
+            preprocess=preprocess or Preprocess(resize_policy="stretch"),
+            postprocess=ClassifyPostprocess(output="logits"),
             labels=[str(i) for i in range(width)], max_batch_size=max_batch_size,
             provenance=Provenance(source="tests/onnx_builders.py", onnx_sha256=sha256_file(path)),
         )
