@@ -85,7 +85,13 @@ class GuardedProtocol(HttpToolsProtocol):
             transport.write(raw_json_response(
                 503, f"too many connections (limit {self.limits.max_connections}); retry shortly",
                 (("retry-after", "1"),)))
-            transport.close()
+            self._lingering = True  # the client may be sending its request: read it away, then close
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError, NotImplementedError):
+                transport.close()
+                return
+            self.loop.call_later(LINGER_S, transport.close)
             return
         super().connection_made(transport)
         self._arm_header_timer()
@@ -98,8 +104,6 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return
         if self._lingering:
             self._lingered += len(data)
             if self._lingered > LINGER_BYTES:
