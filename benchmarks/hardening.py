@@ -10,6 +10,8 @@
 4. **Slow clients**: 300 connections sending their headers a byte a second, plus 1 100 idle connections,
    while one well-behaved client classifies: its answers by status and latency, and when the slow ones
    were cut off.
+5. **Hostile images** (each ≤ the 20 MB body limit): time to the answer and the server's peak RSS growth
+   (``VmHWM`` reset before each), against the targets of 2 s and 200 MB.
 
 Every count comes from this script's own raw-socket client (no retries that would hide a reset). Not a test:
 read the figures, and compare them with the issue's targets (503 p99 ≤ 100 ms, goodput ≥ 0.8 × S, 0 resets).
@@ -277,6 +279,58 @@ async def _closed(reader: asyncio.StreamReader, wait: float) -> bool:
     return data == b"" or data.startswith(b"HTTP/")
 
 
+def hostile_images() -> dict[str, bytes]:
+    import io
+
+    from PIL import Image
+
+    def enc(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    w, h = 5000, 8000  # 40 MP, the default max_pixels
+    rng = np.random.default_rng(0)
+    return {
+        "20000x1 PNG": enc(Image.new("RGB", (20000, 1), (200, 10, 10))),
+        "40 MP RGB PNG, flat": enc(Image.new("RGB", (w, h), (10, 200, 30))),
+        "40 MP RGBA PNG, flat": enc(Image.new("RGBA", (w, h), (10, 200, 30, 90))),
+        "40 MP 16-bit grey PNG": enc(Image.fromarray(np.full((h, w), 40000, np.uint16))),
+        "40 MP float TIFF": enc(Image.fromarray(np.full((h, w), 0.25, np.float32)), "TIFF",
+                                compression="tiff_deflate"),
+        "40 MP palette PNG": enc(Image.new("P", (w, h), 7)),
+        "38 MP lossless WebP": enc(Image.new("RGB", (16000, 2400), (1, 2, 3)), "WEBP", lossless=True),
+        "12 MP noisy JPEG": enc(Image.fromarray(rng.integers(0, 255, (3000, 4000, 3), np.uint8)), "JPEG"),
+        "6.6 MP noisy PNG (~20 MB)": enc(Image.fromarray(rng.integers(0, 255, (2350, 2800, 3), np.uint8))),
+    }
+
+
+def hostile(port: int, pid: int, model: str) -> dict[str, dict[str, object]]:
+    import http.client
+
+    def vm(field: str) -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) // 1024
+        return 0
+
+    out: dict[str, dict[str, object]] = {}
+    for name, body in hostile_images().items():
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        before = vm("VmRSS")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        started = time.monotonic()
+        conn.request("POST", f"/v1/models/{model}/classify", body, {"Content-Type": "application/octet-stream"})
+        r = conn.getresponse()
+        r.read()
+        took = time.monotonic() - started
+        conn.close()
+        out[name] = {"body_kB": round(len(body) / 1000, 1), "status": r.status, "seconds": round(took, 2),
+                     "peak_rss_growth_MB": vm("VmHWM") - before}
+        print(f"{name:28s} {out[name]}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -284,7 +338,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=15.0)
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
     args = ap.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
     req = request_bytes(args.model, IMAGE.read_bytes())
     results: dict[str, object] = {"cpus": os.cpu_count(), "model": args.model}
@@ -306,6 +360,8 @@ def main() -> None:
         print(json.dumps(results["overload"], indent=1), flush=True)
         results["slow_clients"] = asyncio.run(slow_clients(port, req, 300, 1100, 20.0))
         print(json.dumps(results["slow_clients"], indent=1), flush=True)
+        time.sleep(3)
+        results["hostile_images"] = hostile(port, proc.pid, args.model)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
