@@ -366,7 +366,10 @@ def main() -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
 
-    proc, port = start(args.repository, args.model)
+    # every one of the 300 connections admitted (max_inflight above 300): each answer is then either the work
+    # done (200) or the drain's verdict, never a refusal at the door
+    proc, port = start(args.repository, args.model, env={"VISIONSERVE_DEFAULTS__MAX_INFLIGHT": "400",
+                                                          "VISIONSERVE_DEFAULTS__MAX_QUEUE": "400"})
     try:
         results["sigterm"] = asyncio.run(sigterm_under_load(proc, port, req, 300))
     finally:
