@@ -61,6 +61,7 @@ class DataPlane:
         labels = (model.name, model.version)
         inflight = self.metrics.inflight.labels(*labels)
         inflight.inc()
+        model.users += 1  # an unload of this version waits for it (no await since the lookup: no race)
         started = time.perf_counter()
         outcome = "success"
         try:
@@ -75,6 +76,7 @@ class DataPlane:
             outcome = "error"
             raise
         finally:
+            model.users -= 1
             inflight.dec()
             self.metrics.request_duration.labels(*labels, endpoint).observe(time.perf_counter() - started)
             self.metrics.requests.labels(*labels, endpoint, outcome).inc()
@@ -184,7 +186,8 @@ class DataPlane:
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "visionserve", "version": __version__,
-                "extensions": ["binary_tensor_data", "classification", "model_configuration"]}
+                "extensions": ["binary_tensor_data", "classification", "model_configuration",
+                               "model_repository"]}
 
     def model_metadata(self, model: LoadedModel) -> dict[str, Any]:
         m = model.manifest
@@ -198,6 +201,7 @@ class DataPlane:
             ],
             "outputs": [{"name": o.name, "datatype": o.datatype, "shape": o.shape} for o in m.outputs],
             "parameters": {"task": m.task, "execution_provider": model.provider},
+            "version_states": self.registry.describe(m.name)["version_states"],
         }
 
     def model_config(self, model: LoadedModel) -> dict[str, Any]:
@@ -208,7 +212,7 @@ class DataPlane:
             "name": m.name,
             "platform": "onnxruntime_onnx",
             "backend": "onnxruntime",
-            "version_policy": {"latest": {"num_versions": 1}},
+            "version_policy": model.config.version_policy.triton(),
             "max_batch_size": model.max_batch_size,
             "input": [{"name": m.input.name, "data_type": f"TYPE_{m.input.datatype}",
                        "format": f"FORMAT_{m.input.layout}", "dims": m.input.shape[1:]},
@@ -225,17 +229,24 @@ class DataPlane:
         }
 
     def list_models(self) -> list[dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for model in self.registry.models():  # versions ascending: the latest one describes the model
-            m = model.manifest
-            versions = [*out[m.name]["versions"], m.version] if m.name in out else [m.version]
-            out[m.name] = {
-                "name": m.name, "versions": versions, "latest_version": m.version, "task": m.task,
+        """Every model the registry knows, READY or not, with each version's state (and reason)."""
+        out = []
+        for name in self.registry.known():
+            entry: dict[str, Any] = {"name": name, "versions": self.registry.versions(name),
+                                     **self.registry.describe(name)}
+            try:
+                model = self.registry.get(name)
+            except VisionServeError:  # no READY version: the state and reasons say why
+                out.append(entry)
+                continue
+            m = model.manifest  # the default (latest READY) version describes the model
+            out.append({
+                **entry, "latest_version": m.version, "task": m.task,
                 "input": {"name": m.input.name, "shape": m.input.shape, "datatype": m.input.datatype},
-                "state": "READY", "execution_provider": model.provider, "max_batch_size": model.max_batch_size,
+                "execution_provider": model.provider, "max_batch_size": model.max_batch_size,
                 "instances": len(model.runners), "labels": len(m.labels),
-            }
-        return list(out.values())
+            })
+        return out
 
 
 def classification_strings(model: LoadedModel, output: np.ndarray, k: int) -> np.ndarray:

@@ -34,11 +34,11 @@ async def live() -> dict[str, Any]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="Readiness: every model loaded and warmed up")
+@router.get("/v2/health/ready", summary="Readiness: the first load is over and a model serves (strict: every model)")
 async def ready(request: Request) -> Any:
-    dp = dataplane(request)
-    if not dp.registry.ready:
-        raise Unavailable(dp.registry.error or "models are still loading", retry_after_s=2)
+    reason = dataplane(request).registry.not_ready_reason()
+    if reason is not None:
+        raise Unavailable(reason, retry_after_s=2)
     return {"ready": True}
 
 
