@@ -418,13 +418,14 @@ class Registry:
     async def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: every version of every model in the repository, with its state."""
         disk = await self._off_loop(lambda: snapshot(self.settings.repository))
+        unseen = "new: the next repository poll looks at it" if self.settings.model_control == "poll" else "not loaded"
         out: list[dict[str, str]] = []
         for name in sorted(set(disk) | set(self._records)):
             records = self._records.get(name, {})
             for v in sorted(set(disk.get(name, {})) | set(records), key=int):
                 rec = records.get(v)
                 out.append(rec.as_index() if rec is not None else
-                           {"name": name, "version": v, "state": UNAVAILABLE, "reason": "not loaded"})
+                           {"name": name, "version": v, "state": UNAVAILABLE, "reason": unseen})
             if not disk.get(name) and not records:
                 out.append({"name": name, "version": "", "state": UNAVAILABLE, "reason": "no version directory"})
         return [e for e in out if e["state"] == READY] if ready_only else out
