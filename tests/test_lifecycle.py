@@ -3,7 +3,10 @@ mode), unload / load through tritonclient (explicit mode), broken models at star
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from .conftest import start_server, stop_server
+from .conftest import ROOT, Server, free_port, start_server, stop_server
 from .repo_util import DIGIT_PNG, big_model, publish, publish_broken
 
 PNG = {"Content-Type": "image/png"}
@@ -238,5 +241,54 @@ def test_broken_models_at_start_leave_the_good_ones_serving(tmp_path: Path) -> N
                                            "execution_provider": "CPUExecutionProvider"}]
         r = httpx.get(f"{server.url}/v2/models/garbage")
         assert r.status_code == 503 and "onnxruntime cannot load it" in r.json()["error"]
+    finally:
+        stop_server(server)
+
+
+def start_live(repo: Path, tmp: Path, *args: str, timeout: float = 60) -> Server:
+    """``visionserve serve`` with command-line options, returned once it is live (ready or not)."""
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--repository", str(repo), "--port", str(port),
+                             *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        assert proc.poll() is None, server.output()
+        try:
+            if httpx.get(f"{server.url}/v2/health/live", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise AssertionError(f"server not live in {timeout} s:\n{server.output()}")
+
+
+def wait_until(check: object, timeout: float, what: str) -> None:
+    until = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < until, what
+        time.sleep(0.2)
+
+
+def test_strict_readiness_until_a_good_version_fixes_the_broken_model(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    publish(repo, "digits", "1")
+    publish_broken(repo, "garbage", "1", "onnx")
+    server = start_live(repo, tmp_path, "--model-control", "poll", "--poll-interval", "0.5", "--strict-readiness")
+    ready = f"{server.url}/v2/health/ready"
+    try:
+        wait_until(lambda: "onnx: " in str(index(server.url).get(("garbage", "1"))), 30, "garbage never refused")
+        r = httpx.get(ready)
+        assert r.status_code == 503 and "garbage" in r.json()["error"] and "digits" not in r.json()["error"]
+        r = httpx.post(f"{server.url}/v1/models/digits/classify", content=DIGIT_PNG.read_bytes(), headers=PNG)
+        assert r.status_code == 200  # not ready as a whole, yet the good model serves
+
+        publish(repo, "garbage", "2")  # a good version of the broken model
+        wait_until(lambda: httpx.get(ready).status_code == 200, 15, "a good version 2 did not make it ready")
+        r = httpx.post(f"{server.url}/v1/models/garbage/classify", content=DIGIT_PNG.read_bytes(), headers=PNG)
+        assert r.status_code == 200 and r.json()["version"] == "2"
     finally:
         stop_server(server)
