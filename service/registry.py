@@ -202,8 +202,10 @@ class Registry:
         self._seen[name] = disk
         records = self._records.setdefault(name, {})
         for version in [v for v in records if v not in disk]:  # the directory went away
-            self._retire(records[version], "the version directory was removed")
-            del records[version]
+            rec = records.pop(version)
+            if rec.cause is not None:
+                self.metrics.unavailable.remove(name, version, rec.cause)
+            self._retire(rec, "the version directory was removed")
         policy = self.settings.for_model(name).version_policy
 
         def usable(v: str) -> bool:
@@ -261,6 +263,8 @@ class Registry:
         old = rec.model
         model.batcher.start()
         model.ready = True
+        if rec.cause is not None:  # it failed before: no longer
+            self.metrics.unavailable.labels(name, version, rec.cause).set(0)
         rec.model, rec.fingerprint, rec.failed, rec.cause = model, files, None, None
         rec.state, rec.reason = READY, ""
         labels = (name, version)
@@ -270,8 +274,6 @@ class Registry:
         m.info.labels(*labels, model.provider).set(1)
         m.ready.labels(*labels).set(1)
         m.loads.labels(*labels).inc()
-        for cause in ("manifest", "checksum", "onnx", "provider", "warmup", "internal"):
-            m.unavailable.labels(*labels, cause).set(0)
         log.info("model %s version %s ready on %s in %.2f s (%d instance(s) x %d thread(s), batches of up "
                  "to %d, solo session %s, max client batch %d)", name, version, model.provider,
                  time.perf_counter() - started, len(model.runners), model.plan.intra_threads, model.plan.batch,
