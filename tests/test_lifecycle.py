@@ -81,6 +81,32 @@ class ClosedLoop:
         raise AssertionError(f"no answer from version {version} within {timeout} s")
 
 
+class SlowUpload(threading.Thread):
+    """A classify request whose body arrives in two halves, the second once ``release`` is set: the server
+    has looked the model up (at the headers) long before the request can be run."""
+
+    def __init__(self, url: str, model: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{url}/v1/models/{model}/classify?top_k=1"
+        self.headers = {**PNG, **(headers or {})}
+        self.release = threading.Event()
+        self.started_upload = threading.Event()
+        self.response: httpx.Response | None = None
+        self.finished = 0.0
+
+    def run(self) -> None:
+        body = DIGIT_PNG.read_bytes()
+
+        def chunks():  # type: ignore[no-untyped-def]
+            yield body[: len(body) // 2]
+            self.started_upload.set()
+            self.release.wait(60)
+            yield body[len(body) // 2:]
+
+        self.response = httpx.post(self.url, content=chunks(), headers=self.headers, timeout=90)
+        self.finished = time.monotonic()
+
+
 def index(url: str, **kw: object) -> dict[tuple[str, str], dict[str, str]]:
     r = httpx.post(f"{url}/v2/repository/index", timeout=30, **kw)  # type: ignore[arg-type]
     assert r.status_code == 200, r.text
@@ -108,12 +134,20 @@ def test_publishing_versions_under_load_loses_nothing(tmp_path: Path) -> None:
     publish(repo, "digits", "1")
     server = start_server(repo, tmp_path, env={"VISIONSERVE_MODEL_CONTROL": "poll"})  # default poll interval
     try:
+        slow = SlowUpload(server.url, "digits")
         with ClosedLoop(server.url, "digits") as load:
+            slow.start()
+            assert slow.started_upload.wait(10)
             time.sleep(1.0)
             published = time.monotonic()
             publish(repo, "digits", "2")
             switch_s = load.wait_for("2", published, timeout=15)
             first_v2 = min(a.received for a in load.all() if a.version == "2")
+            time.sleep(0.5)
+            slow.release.set()  # version 2 serves by now; the slow request looked version 1 up before that
+            slow.join(30)
+            assert slow.response is not None and slow.response.status_code == 200, slow.response
+            assert slow.response.json()["version"] == "1"
 
             broken_at = time.monotonic()
             publish_broken(repo, "digits", "3", "checksum")
@@ -142,7 +176,7 @@ def test_publishing_versions_under_load_loses_nothing(tmp_path: Path) -> None:
         assert metric(server.url, "visionserve_model_load_failures_total", version="3", cause="checksum") == 1
         # every accepted request was answered by the server as a success, on one version or the other
         served = metric(server.url, "visionserve_requests_total", model="digits", outcome="success")
-        assert served == len(answers)
+        assert served == len(answers) + 1  # and the slow upload
         assert metric(server.url, "visionserve_model_unloads_total", version="1") == 1  # drained, then unloaded
 
         # poll mode owns the repository: the API may not load or unload
@@ -171,11 +205,20 @@ def test_unload_frees_memory_and_load_brings_it_back(tmp_path: Path) -> None:
         assert {(e["name"], e["state"]) for e in entries} == {("big", "READY"), ("digits", "READY")}
 
         loaded = rss(server.url)
+        slow = SlowUpload(server.url, "big", headers=auth)
+        slow.start()
+        assert slow.started_upload.wait(10)
+        threading.Timer(1.0, slow.release.set).start()
         with ClosedLoop(server.url, "big", clients=4, headers=auth) as load:
             time.sleep(0.5)
             unloaded_at = time.monotonic()
             client.unload_model("big", headers=auth)  # returns once drained and released
+            unload_returned = time.monotonic()
             time.sleep(0.5)
+        slow.join(30)
+        # the request that had looked "big" up before the unload was answered, and the unload waited for it
+        assert slow.response is not None and slow.response.status_code == 200, slow.response
+        assert slow.finished <= unload_returned
         answers = load.all()
         assert not load.errors
         assert {a.status for a in answers} <= {200, 404}, {a.status for a in answers}
