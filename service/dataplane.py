@@ -237,6 +237,10 @@ class DataPlane:
             try:
                 model = self.registry.get(name)
             except VisionServeError:  # no READY version: the state and reasons say why
+                m = self.registry.manifest(name)
+                if m is not None:
+                    entry.update(task=m.task, input={"name": m.input.name, "shape": m.input.shape,
+                                                     "datatype": m.input.datatype}, execution_provider=None)
                 out.append(entry)
                 continue
             m = model.manifest  # the default (latest READY) version describes the model

@@ -33,6 +33,7 @@ class LoadFailed(Exception):
         super().__init__(message)
         self.cause = cause
         self.message = message
+        self.manifest: Manifest | None = None  # when it was readable: what the model would have been
 
 
 @dataclass
@@ -93,7 +94,11 @@ class ModelLoader:
         if (m.name, m.version) != (name, version):
             raise LoadFailed("manifest", f"{directory}: the manifest says {m.name} version {m.version}; a version "
                                          f"directory must hold its own name and number")
-        return self._build(entry)
+        try:
+            return self._build(entry)
+        except LoadFailed as e:
+            e.manifest = m
+            raise
 
     def _build(self, entry: ModelEntry) -> LoadedModel:
         started = time.perf_counter()

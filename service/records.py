@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import ModelNotFound, Unavailable
 from .loader import LoadedModel
+from .manifest import Manifest
 from .repository import Fingerprint
 from .settings import Settings
 
@@ -26,6 +27,7 @@ class VersionRecord:
     fingerprint: Fingerprint | None = None  # the files ``model`` was loaded from
     failed: Fingerprint | None = None  # the files that failed to load: not retried until they change
     cause: str | None = None  # why it is UNAVAILABLE, as a metric label
+    manifest: Manifest | None = None  # the last readable manifest of this version (describes it when not READY)
 
     def as_index(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version, "state": self.state, "reason": self.reason}
@@ -140,6 +142,11 @@ class RecordQueries:
             if not disk.get(name) and not records:
                 out.append({"name": name, "version": "", "state": UNAVAILABLE, "reason": "no version directory"})
         return [e for e in out if e["state"] == READY] if ready_only else out
+
+    def manifest(self, name: str) -> Manifest | None:
+        """The newest readable manifest of ``name`` (the model's task and input, even when nothing is READY)."""
+        found = [r.manifest for r in self.records(name) if r.manifest is not None]
+        return found[-1] if found else None
 
     def describe(self, name: str) -> dict[str, Any]:
         """Every version's state, provider and reason, for ``/v1/models`` and model metadata."""

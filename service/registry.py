@@ -239,6 +239,7 @@ class Registry(RecordQueries):
         try:
             model = await self._off_loop(lambda: self.loader.load(directory, name, version))
         except LoadFailed as e:
+            rec.manifest = e.manifest or rec.manifest
             self._failed(rec, files, e.cause, e.message)
             return
         except LoadCancelled:
@@ -257,6 +258,7 @@ class Registry(RecordQueries):
         if rec.cause is not None:  # it failed before: no longer
             self.metrics.unavailable.labels(name, version, rec.cause).set(0)
         rec.model, rec.fingerprint, rec.failed, rec.cause = model, files, None, None
+        rec.manifest = model.manifest
         rec.state, rec.reason = READY, ""
         labels = (name, version)
         m = self.metrics

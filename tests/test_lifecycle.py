@@ -279,6 +279,9 @@ def test_broken_models_at_start_leave_the_good_ones_serving(tmp_path: Path) -> N
         assert models["digits"]["state"] == "READY" and models["digits"]["execution_provider"] == "CPUExecutionProvider"
         assert models["garbage"]["state"] == "UNAVAILABLE" and models["garbage"]["versions"] == []
         assert models["garbage"]["version_states"][0]["reason"].startswith("onnx: ")
+        gpu = models["needs_gpu"]  # described from its manifest; the provider it needs is not there
+        assert gpu["state"] == "UNAVAILABLE" and gpu["task"] == "classify" and gpu["execution_provider"] is None
+        assert gpu["input"]["shape"] == [-1, 3, 32, 32]
         meta = httpx.get(f"{server.url}/v2/models/digits").json()
         assert meta["version_states"] == [{"version": "1", "state": "READY", "reason": "",
                                            "execution_provider": "CPUExecutionProvider"}]
@@ -334,4 +337,5 @@ def test_strict_readiness_until_a_good_version_fixes_the_broken_model(tmp_path: 
         r = httpx.post(f"{server.url}/v1/models/garbage/classify", content=DIGIT_PNG.read_bytes(), headers=PNG)
         assert r.status_code == 200 and r.json()["version"] == "2"
     finally:
-        stop_server(server)
+        code = stop_server(server)
+    assert code == 0, server.output()[-2000:]  # SIGTERM with the poller running: a clean exit
