@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import __version__
-from .errors import BadTensor, DeadlineExceeded, InvalidParameter, VisionServeError
+from .errors import BadTensor, DeadlineExceeded, InvalidParameter, Unavailable, VisionServeError
 from .imaging import Geometry
+from .manifest import Manifest
 from .metrics import Metrics
 from .postprocess import top_k
 from .registry import LoadedModel, Registry
@@ -189,8 +190,21 @@ class DataPlane:
                 "extensions": ["binary_tensor_data", "classification", "model_configuration",
                                "model_repository"]}
 
+    def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Model metadata; for a model that is UNAVAILABLE (no READY version), from its manifest, with the state
+        and the reasons, so that the metadata says why it does not serve."""
+        try:
+            return self.model_metadata(self.registry.get(name, version))
+        except Unavailable:
+            m = self.registry.manifest(name)
+            if m is None or self.registry.versions(name):
+                raise
+            return {**self._metadata(m, None), "state": "UNAVAILABLE"}
+
     def model_metadata(self, model: LoadedModel) -> dict[str, Any]:
-        m = model.manifest
+        return self._metadata(model.manifest, model.provider)
+
+    def _metadata(self, m: Manifest, provider: str | None) -> dict[str, Any]:
         return {
             "name": m.name,
             "versions": self.registry.versions(m.name),
@@ -200,7 +214,7 @@ class DataPlane:
                 {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
             ],
             "outputs": [{"name": o.name, "datatype": o.datatype, "shape": o.shape} for o in m.outputs],
-            "parameters": {"task": m.task, "execution_provider": model.provider},
+            "parameters": {"task": m.task, "execution_provider": provider},
             "version_states": self.registry.describe(m.name)["version_states"],
         }
 

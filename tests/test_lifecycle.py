@@ -285,8 +285,16 @@ def test_broken_models_at_start_leave_the_good_ones_serving(tmp_path: Path) -> N
         meta = httpx.get(f"{server.url}/v2/models/digits").json()
         assert meta["version_states"] == [{"version": "1", "state": "READY", "reason": "",
                                            "execution_provider": "CPUExecutionProvider"}]
-        r = httpx.get(f"{server.url}/v2/models/garbage")
-        assert r.status_code == 503 and "onnxruntime cannot load it" in r.json()["error"]
+        r = httpx.get(f"{server.url}/v2/models/truncated")  # nothing readable to describe it: the error says why
+        assert r.status_code == 503 and "invalid manifest" in r.json()["error"]
+        meta = httpx.get(f"{server.url}/v2/models/garbage").json()
+        assert "onnxruntime cannot load it" in meta["version_states"][0]["reason"]
+        meta = httpx.get(f"{server.url}/v2/models/needs_gpu").json()  # described from its manifest, with why
+        assert meta["state"] == "UNAVAILABLE" and meta["versions"] == []
+        assert meta["parameters"]["execution_provider"] is None
+        assert "CUDAExecutionProvider is required" in meta["version_states"][0]["reason"]
+        r = httpx.get(f"{server.url}/v2/models/needs_gpu/ready")
+        assert r.status_code == 503 and "CUDAExecutionProvider is required" in r.json()["error"]
     finally:
         stop_server(server)
 

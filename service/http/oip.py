@@ -46,7 +46,7 @@ async def ready(request: Request) -> Any:
 @router.get("/v2/models/{model}/versions/{version}", include_in_schema=False)
 async def model_metadata(request: Request, model: str, version: str | None = None) -> dict[str, Any]:
     dp = dataplane(request)
-    return dp.model_metadata(dp.model(model, version))
+    return dp.metadata(model, version)  # an UNAVAILABLE model's metadata says why
 
 
 @router.get("/v2/models/{model}/ready", summary="Model readiness")
