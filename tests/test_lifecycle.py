@@ -201,6 +201,12 @@ def test_unload_frees_memory_and_load_brings_it_back(tmp_path: Path) -> None:
         assert httpx.post(f"{server.url}/v2/repository/index").status_code == 401
         with pytest.raises(InferenceServerException, match="API key"):
             client.unload_model("big")
+        bad = httpx.post(f"{server.url}/v2/repository/models/big/load", content=b"[1", headers=auth)
+        assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
+        with pytest.raises(InferenceServerException, match="not supported"):  # Triton's config override
+            client.load_model("big", headers=auth, config='{"max_batch_size": 8}')
+        with pytest.raises(InferenceServerException, match="no model 'nope'"):
+            client.load_model("nope", headers=auth)
         entries = client.get_model_repository_index(headers=auth)
         assert {(e["name"], e["state"]) for e in entries} == {("big", "READY"), ("digits", "READY")}
 
