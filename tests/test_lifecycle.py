@@ -92,7 +92,6 @@ class SlowUpload(threading.Thread):
         self.release = threading.Event()
         self.started_upload = threading.Event()
         self.response: httpx.Response | None = None
-        self.finished = 0.0
 
     def run(self) -> None:
         body = DIGIT_PNG.read_bytes()
@@ -104,7 +103,6 @@ class SlowUpload(threading.Thread):
             yield body[len(body) // 2:]
 
         self.response = httpx.post(self.url, content=chunks(), headers=self.headers, timeout=90)
-        self.finished = time.monotonic()
 
 
 def index(url: str, **kw: object) -> dict[tuple[str, str], dict[str, str]]:
@@ -155,6 +153,7 @@ def test_publishing_versions_under_load_loses_nothing(tmp_path: Path) -> None:
             while not index(server.url).get(("digits", "3"), {}).get("reason", "").startswith("checksum: "):
                 assert time.monotonic() < until, "version 3 never showed up in the index"
                 time.sleep(0.2)
+            refused_at = time.monotonic()
             time.sleep(1.0)  # keep the load on a little after version 3 was refused
         answers = load.all()
         assert not load.errors, load.errors[:3]
@@ -162,7 +161,8 @@ def test_publishing_versions_under_load_loses_nothing(tmp_path: Path) -> None:
         assert switch_s <= 15
         # A request sent after the first version-2 answer arrived found version 2 already the default.
         assert {a.version for a in answers if a.sent > first_v2} == {"2"}
-        assert any(a.version == "2" and a.sent > broken_at + 1 for a in answers)
+        assert any(a.sent > refused_at for a in answers)  # (and those were answered by version 2, as above)
+        assert broken_at < refused_at
         assert len([a for a in answers if a.sent < published]) > 4  # the load was really on before
 
         print(f"version 2 answered {switch_s:.2f} s after its directory appeared; {len(answers)} requests from 4 "
@@ -214,7 +214,13 @@ def test_unload_frees_memory_and_load_brings_it_back(tmp_path: Path) -> None:
         slow = SlowUpload(server.url, "big", headers=auth)
         slow.start()
         assert slow.started_upload.wait(10)
-        threading.Timer(1.0, slow.release.set).start()
+        released_at: list[float] = []
+
+        def release() -> None:
+            released_at.append(time.monotonic())
+            slow.release.set()
+
+        threading.Timer(1.0, release).start()
         with ClosedLoop(server.url, "big", clients=4, headers=auth) as load:
             time.sleep(0.5)
             unloaded_at = time.monotonic()
@@ -224,11 +230,12 @@ def test_unload_frees_memory_and_load_brings_it_back(tmp_path: Path) -> None:
         slow.join(30)
         # the request that had looked "big" up before the unload was answered, and the unload waited for it
         assert slow.response is not None and slow.response.status_code == 200, slow.response
-        assert slow.finished <= unload_returned
+        assert released_at and unload_returned > released_at[0]  # it waited for the rest of that upload
         answers = load.all()
         assert not load.errors
         assert {a.status for a in answers} <= {200, 404}, {a.status for a in answers}
-        assert all(a.status == 404 for a in answers if a.sent > time.monotonic() - 0.4)
+        late = [a.status for a in answers if a.sent > unload_returned]
+        assert late and set(late) == {404}
         assert any(a.status == 200 for a in answers if a.sent < unloaded_at)
         for client_answers in load.answers:  # each client: answers until the unload, then 404s, never back
             statuses = [a.status for a in client_answers]
