@@ -69,7 +69,7 @@ class RecordQueries:
                 return Unavailable("models are still loading", retry_after_s=2)
             if name in self._unloaded or name in self._seen:
                 return ModelNotFound(f"model {name!r} is not loaded")
-            return ModelNotFound(f"unknown model {name!r}; available: {sorted(self.names())}")
+            return ModelNotFound(f"unknown model {name!r} (GET /v1/models lists the models)")
         chosen = [r for r in records.values() if version is None or r.version == version]
         if any(r.state == LOADING for r in chosen):
             return Unavailable(f"model {what} is loading", retry_after_s=2)

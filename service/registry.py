@@ -143,7 +143,7 @@ class Registry(RecordQueries):
         self._require_mode("load")
         disk = await self._off_loop(lambda: snapshot(self.settings.repository))
         if name not in disk:
-            raise ModelNotFound(f"no model {name!r} in the repository; models: {sorted(disk)}")
+            raise ModelNotFound(f"no model {name!r} in the repository (POST /v2/repository/index lists them)")
         async with self._lock:
             self._unloaded.discard(name)
             # a load request retries versions that failed before, even with unchanged files

@@ -1,7 +1,7 @@
 """Triton's model repository extension: the index, and load / unload (``--model-control explicit``).
 
 ``tritonclient.http``'s ``get_model_repository_index``, ``load_model`` and ``unload_model`` speak to these
-unchanged. They need the API key when one is set: they change what the server serves.
+unchanged. They need the API key when one is set (``auth.ApiKeyMiddleware``, in front of every route).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import BadRequest, InvalidParameter
-from .common import check_api_key, dataplane, read_body
+from .common import dataplane, read_body
 
 router = APIRouter(tags=["model repository"])
 
@@ -35,7 +35,6 @@ async def _body(request: Request) -> dict[str, Any]:
 
 @router.post("/v2/repository/index", summary="Every model version in the repository, with its state and reason")
 async def index(request: Request) -> JSONResponse:
-    check_api_key(request)
     body = await _body(request)
     ready = body.get("ready", False)
     if not isinstance(ready, bool):
@@ -46,7 +45,6 @@ async def index(request: Request) -> JSONResponse:
 @router.post("/v2/repository/models/{model}/load",
              summary="Load or reload a model from the repository (--model-control explicit)")
 async def load(request: Request, model: str) -> JSONResponse:
-    check_api_key(request)
     params = (await _body(request)).get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequest("'parameters' must be an object")
@@ -61,7 +59,6 @@ async def load(request: Request, model: str) -> JSONResponse:
 @router.post("/v2/repository/models/{model}/unload",
              summary="Unload a model after its accepted requests finish (--model-control explicit)")
 async def unload(request: Request, model: str) -> JSONResponse:
-    check_api_key(request)
     params = (await _body(request)).get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequest("'parameters' must be an object")
