@@ -59,8 +59,9 @@ class ModelSettings(BaseModel):
     the model is UNAVAILABLE (503 with the reason) instead of quietly running on CPU. Unset: fall back, with
     a warning."""
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
-    """Which versions to serve, as Triton spells it: ``{"latest": {"num_versions": N}}`` (default: N = 1),
-    ``{"specific": {"versions": [1, 3]}}`` or ``{"all": {}}``."""
+    """Which versions to serve, as Triton spells it: ``{"latest": {"num_versions": N}}``,
+    ``{"specific": {"versions": [1, 3]}}`` or ``{"all": {}}``. Default: all with ``model_control`` none (what
+    the server always did), the latest one (Triton's default) with poll or explicit."""
     intra_op_threads: int = Field(default=0, ge=0)
     """Threads per instance session for one operator (0: 1 on the CPU provider — the instances are the
     parallelism — and the usable CPUs divided among the instances otherwise)."""
@@ -169,8 +170,13 @@ class Settings(BaseSettings):
     def for_model(self, name: str) -> ModelSettings:
         over = self.models.get(name) or self.models.get(name.upper()) or self.models.get(name.lower()) or {}
         # validated again, so that nested settings (version_policy) are models, not dicts
-        return ModelSettings.model_validate({**self.defaults.model_dump(exclude_unset=True),
-                                             **ModelSettings(**over).model_dump(exclude_unset=True)})
+        merged = {**self.defaults.model_dump(exclude_unset=True),
+                  **ModelSettings(**over).model_dump(exclude_unset=True)}
+        if "version_policy" not in merged and self.model_control == "none":
+            # model control "none" keeps what the server always did: every version in the repository is served
+            # (each under /versions/{v}, the newest by default); poll and explicit default to Triton's latest 1
+            merged["version_policy"] = {"all": {}}
+        return ModelSettings.model_validate(merged)
 
 
 class ConfigError(Exception):

@@ -124,6 +124,19 @@ def test_version_policy(tmp_path: Path, policy: dict[str, Any], served: list[str
     run(tmp_path, body, models={"digits": {"version_policy": policy}})
 
 
+@pytest.mark.parametrize(("control", "served"), [("none", ["1", "2", "3"]), ("poll", ["3"])])
+def test_default_version_policy_follows_model_control(tmp_path: Path, control: str, served: list[str]) -> None:
+    """``none`` serves every version, as the server always did; poll (and explicit) Triton's latest 1."""
+    for v in ("1", "2", "3"):
+        publish(tmp_path, "digits", v)
+
+    async def body(reg: Registry) -> None:
+        assert reg.versions("digits") == served
+        assert reg.get("digits").version == "3"
+
+    run(tmp_path, body, model_control=control)
+
+
 def test_poll_swaps_after_warm_up_drains_the_old_version_and_follows_removals(tmp_path: Path) -> None:
     publish(tmp_path, "digits", "1")
     x = np.zeros((3, 32, 32), dtype=np.float32)
