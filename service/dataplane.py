@@ -48,7 +48,6 @@ class DataPlane:
         self.metrics = metrics
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads or settings.usable_cpus(),
                                                thread_name_prefix="decode")
-        self._admitted: dict[tuple[str, str], int] = {}  # requests per model version, arrival to answer
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=True)
@@ -69,14 +68,14 @@ class DataPlane:
         Routes enter this before reading the body: a request over the model's ``max_inflight`` costs no body
         read and no decode, and its 503 leaves at once."""
         labels = (model.name, model.version)
-        admitted = self._admitted.get(labels, 0)
-        if admitted >= self.max_inflight(model):
+        if model.users >= self.max_inflight(model):
             self.metrics.requests.labels(*labels, endpoint, "unavailable").inc()
-            raise Unavailable(f"model {model.name} is overloaded: {admitted} requests in flight; retry shortly")
-        self._admitted[labels] = admitted + 1
+            raise Unavailable(f"model {model.name} is overloaded: {model.users} requests in flight; retry shortly")
+        # admitted: counted until answered, and an unload of this version waits for it (no await since the
+        # lookup: no race)
+        model.users += 1
         inflight = self.metrics.inflight.labels(*labels)
         inflight.inc()
-        model.users += 1  # an unload of this version waits for it (no await since the lookup: no race)
         started = time.perf_counter()
         outcome = "success"
         try:
@@ -92,7 +91,6 @@ class DataPlane:
             raise
         finally:
             model.users -= 1
-            self._admitted[labels] -= 1
             inflight.dec()
             self.metrics.request_duration.labels(*labels, endpoint).observe(time.perf_counter() - started)
             self.metrics.requests.labels(*labels, endpoint, outcome).inc()
