@@ -20,7 +20,7 @@ from ..errors import VisionServeError
 from ..metrics import Metrics
 from ..registry import Registry
 from ..settings import Settings
-from . import native, oip
+from . import explain, native, oip
 from .common import error_response
 
 log = logging.getLogger("visionserve")
@@ -65,6 +65,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(native.router)
     app.include_router(oip.router)
+    app.include_router(explain.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
