@@ -29,6 +29,7 @@ def _root() -> None:
 COMMANDS = {
     "convert": ("convert.cli", "convert"),
     "serve": ("service.serve_cli", "serve"),
+    "explain": ("service.explain_cli", "explain"),
     "quantize": ("quantize.cli", "quantize"),
     "prune": ("quantize.cli", "prune"),
     "evaluate": ("quantize.cli", "evaluate"),

@@ -22,6 +22,7 @@ def serve(
     max_batch_size: Annotated[int | None, Opt(help="default max batch size for every model")] = None,
     instances: Annotated[int | None, Opt(help="ONNX Runtime sessions per model")] = None,
     log_level: Annotated[str | None, Opt(help="debug, info, warning or error")] = None,
+    max_masks: Annotated[int | None, Opt(help="most masked images one /explain may run (default 1024)")] = None,
 ) -> None:
     """Serve every model in a repository (native API, Open Inference Protocol, /metrics).
 
@@ -39,9 +40,11 @@ def serve(
     if instances is not None:
         defaults["instances"] = instances
     try:
-        settings = load_settings(config, repository=repository, host=host, port=port, log_level=log_level)
+        settings = load_settings(config, repository=repository, host=host, port=port, log_level=log_level,
+                                 max_masks=max_masks)
         if defaults:
             settings = load_settings(config, repository=repository, host=host, port=port, log_level=log_level,
+                                     max_masks=max_masks,
                                      defaults=settings.defaults.model_copy(update=defaults).model_dump())
         entries = scan(settings.repository)
     except (ConfigError, RepositoryError) as e:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -149,3 +152,17 @@ def test_errors_deadline_and_metrics(server: Server) -> None:
     assert 'visionserve_explanations_total{method="rise",model="mobilenet_v2",outcome="DeadlineExceeded"' in text
     pending = [line for line in text.splitlines() if line.startswith("visionserve_explain_masks_pending{")]
     assert pending and all(float(line.split()[-1]) == 0 for line in pending)  # nothing left behind
+
+
+def test_the_explain_command_writes_the_heat_map(server: Server, tmp_path: Path) -> None:
+    out = tmp_path / "cat.png"
+    done = subprocess.run([sys.executable, "-m", "service", "explain", str(CAT), "--url", server.url, "--model",
+                           "mobilenet_v2", "--method", "rise", "--masks", "16", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (451, 300)
+    assert "class 28" in done.stdout and "16 masked images" in done.stdout  # 281-285: the cat classes
+    bad = subprocess.run([sys.executable, "-m", "service", "explain", str(CAT), "--url", server.url, "--model",
+                          "mobilenet_v2", "--masks", "0", "--method", "rise"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "422" in bad.stderr and "masks" in bad.stderr
