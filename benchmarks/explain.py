@@ -6,10 +6,11 @@ One ``visionserve serve`` with its defaults over the repository, then, in one ru
    of ``--repeats`` (default settings: 144 occlusion patches, 128 RISE masks, 224-pixel MobileNetV2).
 2. **pointing game**: ``--trials`` composites (the cat's face, 112 px, pasted at a random place on a 320 x 320
    noise canvas): is the saliency peak on the face, and the saliency mass inside it ÷ its area share.
-3. **live p99**: an open loop of classify requests (``visionserve loadtest --rate R --arrival poisson``) alone,
-   then with explanations running back to back beside it, alternated A B A B over ``--rounds``; medians.
+3. **live p99**: classify requests (``visionserve loadtest``: one client at a time, and an open loop with
+   Poisson arrivals) alone, then with explanations running back to back beside them, alternated A B A B over
+   ``--rounds``; medians.
 
-    .venv/bin/python benchmarks/explain.py --repository model_repository [--rate 40] [--rounds 3]
+    .venv/bin/python benchmarks/explain.py --repository model_repository [--load c:1,rate:30] [--rounds 3]
 
 Not a test: read the table. Everything stays on 127.0.0.1 and every loop is bounded.
 """
@@ -80,10 +81,13 @@ def pointing(url: str, models: list[str], trials: int) -> list[str]:
     return rows
 
 
-def live_p99(url: str, model: str, rate: float, duration: float, tmp: Path, tag: str) -> dict:  # type: ignore[type-arg]
+def live_p99(url: str, model: str, load: str, duration: float, tmp: Path, tag: str) -> dict:  # type: ignore[type-arg]
+    """``load``: ``rate:R`` (open loop, Poisson) or ``c:N`` (closed loop, N in flight)."""
     out = tmp / f"{tag}.json"
+    kind, value = load.split(":")
+    shape = ["--rate", value, "--arrival", "poisson"] if kind == "rate" else ["--concurrency", value]
     subprocess.run([sys.executable, "-m", "service", "loadtest", url, "--model", model, "--image", str(CAT),
-                    "--rate", str(rate), "--arrival", "poisson", "--duration", str(duration), "--json", str(out),
+                    *shape, "--duration", str(duration), "--json", str(out),
                     "-q", "--no-metrics", "--timeout", "30"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
                    timeout=duration + 120)
     return json.loads(out.read_text())  # type: ignore[no-any-return]
@@ -100,22 +104,23 @@ def beside(url: str, model: str, method: str, stop: threading.Event, done: list[
                 done.append(time.perf_counter() - t0)
 
 
-def interference(url: str, model: str, method: str, rate: float, duration: float, rounds: int) -> list[str]:
+def interference(url: str, model: str, method: str, load: str, duration: float, rounds: int) -> list[str]:
     alone, with_, finished = [], [], []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        live_p99(url, model, rate, 3, tmp, "warm")
+        live_p99(url, model, load, 3, tmp, "warm")
         for i in range(rounds):
-            alone.append(live_p99(url, model, rate, duration, tmp, f"a{i}")["latency_ms"])
+            alone.append(live_p99(url, model, load, duration, tmp, f"a{i}")["latency_ms"])
             stop, done = threading.Event(), []  # type: ignore[var-annotated]
             t = threading.Thread(target=beside, args=(url, model, method, stop, done), daemon=True)
             t.start()
             time.sleep(0.5)
-            with_.append(live_p99(url, model, rate, duration, tmp, f"b{i}")["latency_ms"])
+            with_.append(live_p99(url, model, load, duration, tmp, f"b{i}")["latency_ms"])
             stop.set()
             t.join(150)
             finished.append(len(done) / (duration + 0.5))
-    rows = [f"| live classify at {rate:.0f} req/s (Poisson) | p50 ms | p99 ms | rounds p99 ms |",
+    what = f"{load[5:]} req/s, Poisson" if load.startswith("rate:") else f"{load[2:]} in flight, closed loop"
+    rows = [f"| live classify ({what}) | p50 ms | p99 ms | rounds p99 ms |",
             "| --- | --- | --- | --- |"]
     for name, runs in (("alone", alone), (f"beside back-to-back {method} explanations", with_)):
         each = ", ".join(f"{r['p99']:.1f}" for r in runs)
@@ -134,7 +139,7 @@ def main() -> None:
     ap.add_argument("--models", default="mobilenet_v2,mobilenet_v2_int8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--rate", type=float, default=40.0)
+    ap.add_argument("--load", default="c:1,rate:30", help="live loads: c:N (closed loop) or rate:R (open loop)")
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--method", default="rise", help="explanations beside the live load")
@@ -151,9 +156,9 @@ def main() -> None:
             if "pointing" not in skip:
                 print("\n".join(["## Pointing game: the cat's face (112 px) on 320 x 320 noise", "",
                                  *pointing(server.url, models, args.trials), ""]), flush=True)
-            if "live" not in skip:
-                print("\n".join(["## Live traffic beside explanations", "",
-                                 *interference(server.url, models[0], args.method, args.rate, args.duration,
+            for load in args.load.split(",") if "live" not in skip else []:
+                print("\n".join([f"## Live traffic ({load}) beside explanations", "",
+                                 *interference(server.url, models[0], args.method, load, args.duration,
                                                args.rounds), ""]), flush=True)
         finally:
             stop_server(server)

@@ -94,10 +94,13 @@ class Batcher:
         background_options: Callable[[], Any] | None = None,
         background_batch: int | None = None,
         max_background: int = 8192,
+        background_grace_s: float = 0.005,
     ) -> None:
         """``background_options`` makes run options whose ``terminate = True`` (set from another thread) stops a
         run, as ``onnxruntime.RunOptions`` does; with it, background batches run as ``runner(batch, options)``
-        and are preempted by live arrivals. Without it, a background batch runs to its end."""
+        and are preempted by live arrivals. Without it, a background batch runs to its end. Background work
+        starts only once live work has been idle for ``background_grace_s``: a client that sends its next
+        request right after an answer finds the engine free, not busy with work it must first stop."""
         if not runners:
             raise ValueError("a batcher needs at least one runner")
         self.runners = list(runners)
@@ -111,7 +114,9 @@ class Batcher:
         self.background_options = background_options
         self.background_batch = background_batch or max_batch_size
         self.max_background = max_background
-        self._queue = Lanes(background_slots=len(self.runners), live_idle=lambda: self._busy == 0)
+        self.background_grace_s = background_grace_s
+        self._live_quiet_at = 0.0  # monotonic time from which background work may start
+        self._queue = Lanes(background_slots=len(self.runners), live_idle=self._live_idle)
         self._pending = 0  # accepted live items, not yet taken by a worker
         self._background_pending = 0
         self._background_runs: set[Any] = set()  # run options of the background batches running now
@@ -168,6 +173,9 @@ class Batcher:
         self._background_pending += 1
         self._queue.put_background(_Work(item, future, deadline, prepare, background=True))
         return await future
+
+    def _live_idle(self) -> bool:
+        return self._busy == 0 and (self._closed or time.monotonic() >= self._live_quiet_at)
 
     def _preempt(self) -> None:
         """A live item arrived: stop every running background batch (each worker puts its items back)."""
@@ -285,8 +293,10 @@ class Batcher:
                 self._background_runs.discard(options)
             if busy:
                 self._busy -= 1
-                if self._busy == 0 and self._queue.background:
-                    self._queue.wake()  # background work may start again
+            if not background:
+                self._live_quiet_at = time.monotonic() + self.background_grace_s
+                if self._busy == 0 and self._queue.background:  # background work may start after the grace
+                    loop.call_later(self.background_grace_s + 0.0005, self._queue.wake)
         elapsed = time.monotonic() - started - sum(prepare_s)
         ran = [w for w in live if id(w) not in failed]
         for w in live:
