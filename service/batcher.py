@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +125,10 @@ class Batcher:
         self._background_runs: set[Any] = set()  # run options of the background batches running now
         self._workers: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=len(self.runners), thread_name_prefix=f"infer-{name}")
+        # Background batches run on threads of their own at the lowest OS priority: whatever else wants the
+        # cores (the event loop parsing a live request, live inference, other processes) gets them first.
+        self._background_executor = ThreadPoolExecutor(max_workers=len(self.runners), initializer=_lowest_priority,
+                                                       thread_name_prefix=f"background-{name}")
         self._closed = False
         self._busy = 0  # workers running a batch
         self._in_system = 0  # submitted, not yet answered
@@ -172,7 +179,14 @@ class Batcher:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._background_pending += 1
         self._queue.put_background(_Work(item, future, deadline, prepare, background=True))
+        self._wake_after_grace()
         return await future
+
+    def _wake_after_grace(self) -> None:
+        """Background work waits for live work's grace to pass: wake a worker when it has."""
+        wait = self._live_quiet_at - time.monotonic()
+        if wait > 0 and self._busy == 0:
+            asyncio.get_running_loop().call_later(wait + 0.0005, self._queue.wake)
 
     def _live_idle(self) -> bool:
         return self._busy == 0 and (self._closed or time.monotonic() >= self._live_quiet_at)
@@ -192,6 +206,7 @@ class Batcher:
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self._background_executor.shutdown(wait=True)
 
     # -- the loop ------------------------------------------------------------------------------------
     async def _work(self, runner: RunBatch) -> None:
@@ -276,8 +291,9 @@ class Batcher:
         if busy:
             self._busy += 1
         try:
-            outputs, extras, failed, prepare_s = await loop.run_in_executor(self._executor, self._execute, runner,
-                                                                             live, options)
+            executor = self._background_executor if background else self._executor
+            outputs, extras, failed, prepare_s = await loop.run_in_executor(executor, self._execute, runner, live,
+                                                                             options)
         except Exception as e:
             if options is not None and options.terminate:
                 raise _Preempted() from None
@@ -295,8 +311,8 @@ class Batcher:
                 self._busy -= 1
             if not background:
                 self._live_quiet_at = time.monotonic() + self.background_grace_s
-                if self._busy == 0 and self._queue.background:  # background work may start after the grace
-                    loop.call_later(self.background_grace_s + 0.0005, self._queue.wake)
+                if self._queue.background:
+                    self._wake_after_grace()
         elapsed = time.monotonic() - started - sum(prepare_s)
         ran = [w for w in live if id(w) not in failed]
         for w in live:
@@ -343,3 +359,14 @@ class Batcher:
             e.item_errors = failed  # type: ignore[attr-defined]
             raise
         return outputs, extras, failed, prepare_s
+
+
+def _lowest_priority() -> None:
+    """Give the calling thread the lowest scheduling priority (nice 19). Linux only, where ``setpriority`` on
+    a thread id affects that thread alone; elsewhere it would renice the whole process, so it is skipped."""
+    if sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:  # not permitted here: background work still yields through the lanes and preemption
+        pass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 
@@ -173,3 +175,23 @@ def test_stop_runs_every_accepted_background_item() -> None:
         assert first.done() and all(t.done() and not t.exception() for t in background)
 
     run(main())
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or not sys.platform.startswith("linux"), reason="Linux threads")
+def test_background_batches_run_on_threads_of_the_lowest_os_priority() -> None:
+    seen: dict[str, int] = {}
+
+    def engine(batch: np.ndarray, options: Options | None = None) -> list[np.ndarray]:
+        seen["background" if options is not None else "live"] = os.getpriority(os.PRIO_PROCESS,
+                                                                               threading.get_native_id())
+        return [batch]
+
+    async def main() -> None:
+        b = Batcher([engine], max_batch_size=2, background_options=Options)
+        b.start()
+        await b.submit(item(1))
+        await b.submit(item(2), background=True)
+        await b.stop()
+
+    run(main())
+    assert seen["background"] == 19 and seen["live"] == os.getpriority(os.PRIO_PROCESS, 0)
