@@ -89,7 +89,7 @@ def live_p99(url: str, model: str, load: str, duration: float, tmp: Path, tag: s
     shape = ["--rate", value, "--arrival", "poisson"] if kind == "rate" else ["--concurrency", value]
     subprocess.run([sys.executable, "-m", "service", "loadtest", url, "--model", model, "--image", str(CAT),
                     *shape, "--duration", str(duration), "--json", str(out),
-                    "-q", "--no-metrics", "--timeout", "30"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                    "-q", "--timeout", "30"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
                    timeout=duration + 120)
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
@@ -129,15 +129,20 @@ def interference(url: str, model: str, method: str, load: str, duration: float, 
             t.join(150)
             finished.append(len(done) / (duration + 0.5))
     what = f"{load[5:]} req/s, Poisson" if load.startswith("rate:") else f"{load[2:]} in flight, closed loop"
-    rows = [f"| live classify ({what}) | requests | p50 ms | p99 ms (all rounds pooled) | p99 ms of each round |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = [f"| live classify ({what}) | requests | p50 ms | p99 ms (all rounds pooled) | median of the rounds' p99 "
+            "ms | p99 ms of each round | live queue wait, mean ms (server) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     pooled = {}
     for name, runs in (("alone", alone), (f"beside back-to-back {method} explanations", with_)):
         h = pool(runs)
         pooled[name] = h.get_value_at_percentile(99) / 1000
         each = ", ".join(f"{r['latency_ms']['p99']:.0f}" for r in runs)
+        waits = [r["server"]["queue_wait_ms_mean"] for r in runs if (r.get("server") or {}).get("queue_wait_ms_mean")
+                 is not None]
+        wait = f"{statistics.median(waits):.2f}" if waits else "n/a"
         rows.append(f"| {name} | {h.get_total_count()} | {h.get_value_at_percentile(50) / 1000:.1f} | "
-                    f"{pooled[name]:.1f} | {each} |")
+                    f"{pooled[name]:.1f} | {statistics.median(r['latency_ms']['p99'] for r in runs):.1f} | {each} | "
+                    f"{wait} |")
     p_a, p_b = pooled.values()
     rows.append(f"\nlive p99 ratio (beside / alone, pooled): {p_b / p_a:.3f}; explanations finished beside the live "
                 f"load: {statistics.median(finished):.2f} per second")

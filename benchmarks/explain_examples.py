@@ -62,11 +62,11 @@ def main() -> None:
             for method in ("occlusion", "rise"):
                 cats.append(cli(args.url, CAT, model, method, tmp / f"{model}-{method}.png"))
                 captions.append(f"{model} {method}")
-        sheet(cats, 2, captions).save(OUT / "cat_fp32_int8.png", optimize=True)
+        sheet(cats, 2, captions).save(OUT / "cat_fp32_int8.jpg", quality=85)
         shapes = [cli(args.url, SHAPES, m, "rise", tmp / f"{m}.png") for m in ("shapes_detector",
                                                                              "shapes_detector_int8")]
-        sheet(shapes, 2, ["shapes_detector rise", "shapes_detector_int8 rise"]).save(OUT / "shapes_fp32_int8.png",
-                                                                                       optimize=True)
+        sheet(shapes, 2, ["shapes_detector rise", "shapes_detector_int8 rise"]).save(OUT / "shapes_fp32_int8.jpg",
+                                                                                       quality=85)
         rng = np.random.default_rng(2026)
         obj = cat_object(112)
         tiles = []
@@ -76,7 +76,7 @@ def main() -> None:
                            content=data, timeout=120)
             r.raise_for_status()
             tiles.append(Image.open(io.BytesIO(r.content)).convert("RGB"))
-        sheet(tiles, 4, ["composite"] * 4).save(OUT / "composites.png", optimize=True)
+        sheet(tiles, 4, ["composite"] * 4).save(OUT / "composites.jpg", quality=85)
     print(f"wrote {OUT}")
 
 
