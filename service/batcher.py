@@ -123,6 +123,7 @@ class Batcher:
         self._pending = 0  # accepted live items, not yet taken by a worker
         self._background_pending = 0
         self._background_runs: set[Any] = set()  # run options of the background batches running now
+        self._background_tasks: set[asyncio.Task[None]] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=len(self.runners), thread_name_prefix=f"infer-{name}")
         # Background batches run on threads of their own at the lowest OS priority: whatever else wants the
@@ -205,6 +206,8 @@ class Batcher:
             self._queue.put_stop()
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._background_tasks:
+            await asyncio.gather(*self._background_tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
         self._background_executor.shutdown(wait=True)
 
@@ -215,8 +218,8 @@ class Batcher:
             first = await self._queue.get()
             if first is STOP:
                 return
-            if first.background:
-                await self._run_background(loop, runner, first)
+            if first.background:  # runs beside this worker, which goes straight back to the lanes: a live
+                self._start_background(loop, runner, first)  # arrival never waits for a preempted run to return
                 continue
             batch = [first]
             self._collect(batch)
@@ -241,7 +244,8 @@ class Batcher:
             await asyncio.sleep(min(remaining, 0.0005))  # the lanes wake workers, not batches being gathered
             self._collect(batch)
 
-    async def _run_background(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, first: _Work) -> None:
+    def _start_background(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, first: _Work) -> None:
+        """Take a background batch and run it as a task of its own (its slot is taken before this returns)."""
         lanes = self._queue
         batch = [first]
         while len(batch) < self.background_batch and lanes.background:
@@ -251,8 +255,12 @@ class Batcher:
         if not live:
             return
         lanes.background_running += 1
-        if lanes.may_take_background():
-            lanes.wake()  # more background work and a free slot: another idle worker may take it
+        task = loop.create_task(self._run_background(loop, runner, live))
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
+
+    async def _run_background(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, live: list[_Work]) -> None:
+        lanes = self._queue
         try:
             await self._run(loop, runner, live, background=True)
         except _Preempted:
@@ -262,7 +270,8 @@ class Batcher:
                     lanes.put_background(w, front=True)
         finally:
             lanes.background_running -= 1
-            lanes.wake()  # a background slot is free
+            lanes.wake()  # a background slot is free ...
+            self._wake_after_grace()  # ... or will be usable once live work's grace has passed
 
     def _admit(self, batch: list[_Work]) -> list[_Work]:
         now = time.monotonic()

@@ -63,8 +63,10 @@ class Lanes:
             return self.live.popleft()
         if self.may_take_background():
             return self.background.popleft()
-        if self._stops:  # background items left here have a worker running background: it drains them
+        if self._stops and not self.background and not self.background_running:  # everything accepted ran
             self._stops -= 1
+            if self._stops:
+                self.wake()  # the other workers' stops: they may have looked while background work still ran
             return STOP
         return None
 
@@ -73,8 +75,12 @@ class Lanes:
             item = self.take()
             if item is not None:
                 return item
-            getter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            getter = loop.create_future()
             self._getters.append(getter)
+            # background work that may not start yet (live grace, busy slots) is looked at again in 10 ms
+            # whatever happens: a missed wake-up costs at most that, never a stuck explanation
+            recheck = loop.call_later(0.01, _settle, getter) if self.background else None
             try:
                 await getter
             except asyncio.CancelledError:
@@ -82,6 +88,14 @@ class Lanes:
                 if not getter.cancelled():  # woken and cancelled at once: pass the wake-up on
                     self.wake()
                 raise
+            finally:
+                if recheck is not None:
+                    recheck.cancel()
 
     def empty(self) -> bool:
         return not self.live
+
+
+def _settle(getter: asyncio.Future[None]) -> None:
+    if not getter.done():
+        getter.set_result(None)
