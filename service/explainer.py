@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import detection
-from .dataplane import DataPlane
+from .dataplane import DataPlane, _outcome
 from .errors import InvalidParameter, VisionServeError
 from .explain import Masks, Occlusion, Region, Rise, apply, grid_shape, normalise, to_original
 from .imaging import Geometry
@@ -98,7 +98,7 @@ async def explain(dp: DataPlane, model: LoadedModel, data: bytes, req: ExplainRe
         outcome = "success"
         return result
     except VisionServeError as e:
-        outcome = type(e).__name__
+        outcome = _outcome(e)  # the labels visionserve_requests_total uses: deadline_exceeded, invalid_parameter…
         raise
     except asyncio.CancelledError:
         outcome = "cancelled"

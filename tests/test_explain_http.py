@@ -149,7 +149,7 @@ def test_errors_deadline_and_metrics(server: Server) -> None:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     done = [line for line in text.splitlines() if line.startswith('visionserve_explain_masks_total{')]
     assert done and float(done[0].split()[-1]) > 0
-    assert 'visionserve_explanations_total{method="rise",model="mobilenet_v2",outcome="DeadlineExceeded"' in text
+    assert 'visionserve_explanations_total{method="rise",model="mobilenet_v2",outcome="deadline_exceeded"' in text
     pending = [line for line in text.splitlines() if line.startswith("visionserve_explain_masks_pending{")]
     assert pending and all(float(line.split()[-1]) == 0 for line in pending)  # nothing left behind
 
