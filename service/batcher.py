@@ -15,6 +15,11 @@
   requests in the system averaged over the last arrivals below 1.5: at 4 concurrent clients, requests also
   find the engine idle for an instant between batches, and sending those to the solo session cost 13 %
   throughput (142 vs 164 req/s, MobileNetV2 fp32, 2 cores).
+- Two priorities (``service/lanes.py``): live requests, and background work (the masked images of an
+  explanation). A worker takes background work only when no live request waits, never mixes the two in a
+  batch, and a live arrival terminates running background batches (ONNX Runtime's ``RunOptions.terminate``,
+  checked between operators) and puts their items back: live requests never wait behind an explanation, and
+  an idle engine still counts as idle for the solo session. Background items keep their deadlines.
 - The workers are asyncio tasks that hand each batch to a thread. Worker threads that take their next batch
   themselves were tried: equal at 32 connections, 14-17 % slower at 4 (a worker woken by the first arrival
   leaves with a batch of one before the event loop has queued its neighbours).
@@ -26,6 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DeadlineExceeded, Unavailable, VisionServeError
+from .lanes import STOP, Lanes
 
 log = logging.getLogger("visionserve.batcher")
 
@@ -52,6 +61,7 @@ class BatchStats:
     queue_waits: list[float]
     inference_s: float
     prepare_s: list[float] = field(default_factory=list)  # per prepared item, on the worker's thread
+    background: bool = False
 
 
 @dataclass
@@ -61,9 +71,13 @@ class _Work:
     deadline: float | None  # time.monotonic() seconds
     prepare: Prepare | None = None
     enqueued: float = field(default_factory=time.monotonic)
+    background: bool = False
 
 
-_STOP = object()
+class _Preempted(Exception):
+    """A background batch terminated for live work; its items go back to their lane."""
+
+
 LOAD_ALPHA = 0.2  # weight of the newest arrival in the moving average of requests in the system
 SOLO_BELOW = 1.5  # that average under which a lone request may take every core
 
@@ -80,7 +94,16 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "model",
         solo: RunBatch | None = None,
+        background_options: Callable[[], Any] | None = None,
+        background_batch: int | None = None,
+        max_background: int = 8192,
+        background_grace_s: float = 0.005,
     ) -> None:
+        """``background_options`` makes run options whose ``terminate = True`` (set from another thread) stops a
+        run, as ``onnxruntime.RunOptions`` does; with it, background batches run as ``runner(batch, options)``
+        and are preempted by live arrivals. Without it, a background batch runs to its end. Background work
+        starts only once live work has been idle for ``background_grace_s``: a client that sends its next
+        request right after an answer finds the engine free, not busy with work it must first stop."""
         if not runners:
             raise ValueError("a batcher needs at least one runner")
         self.runners = list(runners)
@@ -91,97 +114,164 @@ class Batcher:
         self.split_outputs = split_outputs
         self.on_batch = on_batch
         self.name = name
-        self._queue: asyncio.Queue[_Work | object] = asyncio.Queue()
-        self._pending = 0  # accepted, not yet taken by a worker
+        self.background_options = background_options
+        self.background_batch = background_batch or max_batch_size
+        self.max_background = max_background
+        self.background_grace_s = background_grace_s
+        self._live_quiet_at = 0.0  # monotonic time from which background work may start
+        self._queue = Lanes(background_slots=len(self.runners), live_idle=self._live_idle)
+        self._pending = 0  # accepted live items, not yet taken by a worker
+        self._background_pending = 0
+        self._background_runs: set[Any] = set()  # run options of the background batches running now
+        self._background_tasks: set[asyncio.Task[None]] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=len(self.runners), thread_name_prefix=f"infer-{name}")
+        # Background batches run on threads of their own at the lowest OS priority: whatever else wants the
+        # cores (the event loop parsing a live request, live inference, other processes) gets them first.
+        self._background_executor = ThreadPoolExecutor(max_workers=len(self.runners), initializer=_lowest_priority,
+                                                       thread_name_prefix=f"background-{name}")
         self._closed = False
         self._busy = 0  # workers running a batch
         self._in_system = 0  # submitted, not yet answered
         self._load = 0.0  # moving average of _in_system, sampled at each arrival
         self.solo_runs = 0
+        self.preemptions = 0  # background batches terminated for live work
 
     @property
     def depth(self) -> int:
-        """Items accepted and waiting for a worker."""
+        """Live items accepted and waiting for a worker."""
         return self._pending
+
+    @property
+    def background_depth(self) -> int:
+        """Background items accepted and waiting for a worker."""
+        return self._background_pending
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work(r), name=f"batcher-{self.name}-{i}")
                          for i, r in enumerate(self.runners)]
 
-    async def submit(self, item: Any, deadline: float | None = None, prepare: Prepare | None = None) -> Any:
+    async def submit(self, item: Any, deadline: float | None = None, prepare: Prepare | None = None,
+                     *, background: bool = False) -> Any:
         """Queue one item; returns its slice of every output, or ``(outputs, extra)`` when ``prepare`` (which
         returns ``(tensor, extra)``) turns the item into a tensor. Raises Unavailable when full or closed, and
-        whatever ``prepare`` raised for this item."""
+        whatever ``prepare`` raised for this item. ``background``: run only when no live item waits."""
         if self._closed:
             raise Unavailable(f"model {self.name} is shutting down")
+        if background:
+            return await self._submit_background(item, deadline, prepare)
+        if self._background_runs:
+            self._preempt()
         if self._pending >= self.max_queue:
             raise Unavailable(f"model {self.name} is overloaded: {self._pending} requests queued")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending += 1
         self._in_system += 1
         self._load += LOAD_ALPHA * (self._in_system - self._load)
-        self._queue.put_nowait(_Work(item, future, deadline, prepare))
+        self._queue.put_live(_Work(item, future, deadline, prepare))
         try:
             return await future
         finally:
             self._in_system -= 1
 
+    async def _submit_background(self, item: Any, deadline: float | None, prepare: Prepare | None) -> Any:
+        if self._background_pending >= self.max_background:
+            raise Unavailable(f"model {self.name} has {self._background_pending} background items queued")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._background_pending += 1
+        self._queue.put_background(_Work(item, future, deadline, prepare, background=True))
+        self._wake_after_grace()
+        return await future
+
+    def _wake_after_grace(self) -> None:
+        """Background work waits for live work's grace to pass: wake a worker when it has."""
+        wait = self._live_quiet_at - time.monotonic()
+        if wait > 0 and self._busy == 0:
+            asyncio.get_running_loop().call_later(wait + 0.0005, self._queue.wake)
+
+    def _live_idle(self) -> bool:
+        return self._busy == 0 and (self._closed or time.monotonic() >= self._live_quiet_at)
+
+    def _preempt(self) -> None:
+        """A live item arrived: stop every running background batch (each worker puts its items back)."""
+        for options in self._background_runs:
+            if not options.terminate:
+                options.terminate = True
+                self.preemptions += 1
+
     async def stop(self) -> None:
         """Refuse new work, finish everything accepted, stop the workers."""
         self._closed = True
         for _ in self._workers:
-            self._queue.put_nowait(_STOP)
+            self._queue.put_stop()
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._background_tasks:
+            await asyncio.gather(*self._background_tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self._background_executor.shutdown(wait=True)
 
     # -- the loop ------------------------------------------------------------------------------------
     async def _work(self, runner: RunBatch) -> None:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._queue.get()
-            if first is _STOP:
+            if first is STOP:
                 return
+            if first.background:  # runs beside this worker, which goes straight back to the lanes: a live
+                self._start_background(loop, runner, first)  # arrival never waits for a preempted run to return
+                continue
             batch = [first]
-            stop_after = self._collect(batch)
-            if self.max_delay_s > 0 and not stop_after and len(batch) < self.max_batch_size:
-                stop_after = await self._wait_for_more(batch, first.enqueued + self.max_delay_s)  # type: ignore[union-attr]
+            self._collect(batch)
+            if self.max_delay_s > 0 and len(batch) < self.max_batch_size:
+                await self._wait_for_more(batch, first.enqueued + self.max_delay_s)
             self._pending -= len(batch)
-            live = self._admit(batch)  # type: ignore[arg-type]
+            live = self._admit(batch)
             if live:
                 await self._run(loop, runner, live)
-            if stop_after:
-                return
 
-    def _collect(self, batch: list[_Work | object]) -> bool:
-        """Take what is queued now, up to the batch size; True if a stop signal was taken."""
-        while len(batch) < self.max_batch_size:
-            try:
-                w = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return False
-            if w is _STOP:
-                return True
-            batch.append(w)
-        return False
+    def _collect(self, batch: list[_Work]) -> None:
+        """Take the live items queued now, up to the batch size."""
+        lane = self._queue.live
+        while len(batch) < self.max_batch_size and lane:
+            batch.append(lane.popleft())
 
-    async def _wait_for_more(self, batch: list[_Work | object], until: float) -> bool:
+    async def _wait_for_more(self, batch: list[_Work], until: float) -> None:
         while len(batch) < self.max_batch_size:
             remaining = until - time.monotonic()
             if remaining <= 0:
-                return False
-            try:
-                w = await asyncio.wait_for(self._queue.get(), remaining)
-            except asyncio.TimeoutError:
-                return False
-            if w is _STOP:
-                return True
-            batch.append(w)
-            if self._collect(batch):
-                return True
-        return False
+                return
+            await asyncio.sleep(min(remaining, 0.0005))  # the lanes wake workers, not batches being gathered
+            self._collect(batch)
+
+    def _start_background(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, first: _Work) -> None:
+        """Take a background batch and run it as a task of its own (its slot is taken before this returns)."""
+        lanes = self._queue
+        batch = [first]
+        while len(batch) < self.background_batch and lanes.background:
+            batch.append(lanes.background.popleft())
+        self._background_pending -= len(batch)
+        live = self._admit(batch)
+        if not live:
+            return
+        lanes.background_running += 1
+        task = loop.create_task(self._run_background(loop, runner, live))
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
+
+    async def _run_background(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, live: list[_Work]) -> None:
+        lanes = self._queue
+        try:
+            await self._run(loop, runner, live, background=True)
+        except _Preempted:
+            for w in reversed(live):
+                if not w.future.done():
+                    self._background_pending += 1
+                    lanes.put_background(w, front=True)
+        finally:
+            lanes.background_running -= 1
+            lanes.wake()  # a background slot is free ...
+            self._wake_after_grace()  # ... or will be usable once live work's grace has passed
 
     def _admit(self, batch: list[_Work]) -> list[_Work]:
         now = time.monotonic()
@@ -195,17 +285,27 @@ class Batcher:
             live.append(w)
         return live
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, live: list[_Work]) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, live: list[_Work],
+                   background: bool = False) -> None:
         started = time.monotonic()
-        if (self.solo is not None and len(live) == 1 and self._busy == 0 and self._queue.empty()
-                and self._load < SOLO_BELOW):
-            runner = self.solo  # alone on an idle engine: every core for this one
+        options = None
+        if background and self.background_options is not None:
+            options = self.background_options()
+            self._background_runs.add(options)
+        elif (not background and self.solo is not None and len(live) == 1 and self._busy == 0
+              and self._queue.empty() and self._load < SOLO_BELOW):
+            runner = self.solo  # alone on an idle engine (background batches are being stopped): every core
             self.solo_runs += 1
-        self._busy += 1
+        busy = options is None  # a preemptible background batch does not make the engine busy
+        if busy:
+            self._busy += 1
         try:
-            outputs, extras, failed, prepare_s = await loop.run_in_executor(self._executor, self._execute, runner,
-                                                                             live)
+            executor = self._background_executor if background else self._executor
+            outputs, extras, failed, prepare_s = await loop.run_in_executor(executor, self._execute, runner, live,
+                                                                             options)
         except Exception as e:
+            if options is not None and options.terminate:
+                raise _Preempted() from None
             log.exception("batch of %d failed on %s", len(live), self.name)
             own = getattr(e, "item_errors", {})  # items whose decode failed keep their own error
             err = e if isinstance(e, VisionServeError) else InferenceFailed(f"inference failed: {e}")
@@ -214,7 +314,14 @@ class Batcher:
                     w.future.set_exception(own.get(id(w), err))
             return
         finally:
-            self._busy -= 1
+            if options is not None:
+                self._background_runs.discard(options)
+            if busy:
+                self._busy -= 1
+            if not background:
+                self._live_quiet_at = time.monotonic() + self.background_grace_s
+                if self._queue.background:
+                    self._wake_after_grace()
         elapsed = time.monotonic() - started - sum(prepare_s)
         ran = [w for w in live if id(w) not in failed]
         for w in live:
@@ -226,9 +333,9 @@ class Batcher:
             result = [o[i] for o in outputs] if self.split_outputs else list(outputs)
             w.future.set_result((result, extras[i]) if w.prepare is not None else result)
         if self.on_batch is not None and ran:
-            self.on_batch(BatchStats(len(ran), [started - w.enqueued for w in ran], elapsed, prepare_s))
+            self.on_batch(BatchStats(len(ran), [started - w.enqueued for w in ran], elapsed, prepare_s, background))
 
-    def _execute(self, runner: RunBatch, live: list[_Work]
+    def _execute(self, runner: RunBatch, live: list[_Work], options: Any = None
                  ) -> tuple[Sequence[np.ndarray], list[Any], dict[int, BaseException], list[float]]:
         """On the worker's thread: prepare each item (a failure fails only that item), stack, run."""
         tensors, extras, prepare_s = [], [], []
@@ -251,7 +358,8 @@ class Batcher:
         if not tensors:
             return [], [], failed, prepare_s
         try:
-            outputs = runner(np.stack(tensors))
+            batch = np.stack(tensors)
+            outputs = runner(batch) if options is None else runner(batch, options)  # type: ignore[call-arg]
             if self.split_outputs:
                 bad = [o.shape for o in outputs if o.shape[:1] != (len(tensors),)]
                 if bad:
@@ -260,3 +368,14 @@ class Batcher:
             e.item_errors = failed  # type: ignore[attr-defined]
             raise
         return outputs, extras, failed, prepare_s
+
+
+def _lowest_priority() -> None:
+    """Give the calling thread the lowest scheduling priority (nice 19). Linux only, where ``setpriority`` on
+    a thread id affects that thread alone; elsewhere it would renice the whole process, so it is skipped."""
+    if sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:  # not permitted here: background work still yields through the lanes and preemption
+        pass

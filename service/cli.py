@@ -30,6 +30,7 @@ COMMANDS = {
     "convert": ("convert.cli", "convert"),
     "serve": ("service.serve_cli", "serve"),
     "publish": ("service.publish_cli", "publish"),
+    "explain": ("service.explain_cli", "explain"),
     "quantize": ("quantize.cli", "quantize"),
     "prune": ("quantize.cli", "prune"),
     "evaluate": ("quantize.cli", "evaluate"),

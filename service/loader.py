@@ -121,6 +121,8 @@ class ModelLoader:
         metrics = self.metrics
 
         def on_batch(stats: BatchStats) -> None:
+            if stats.background:  # explanation work: counted by the explainer, kept out of live figures
+                return
             metrics.batch_size.labels(*labels).observe(stats.size)
             metrics.inference.labels(*labels).observe(stats.inference_s)
             for w in stats.queue_waits:
@@ -132,6 +134,7 @@ class ModelLoader:
             [r.run for r in runners], max_batch_size=layout.batch, max_queue=cfg.max_queue,
             max_delay_s=cfg.max_batch_delay_ms / 1000.0, split_outputs=split,
             on_batch=on_batch, name=m.name, solo=solo.run if solo else None,
+            background_options=terminable_run_options,
         )
         pre = Preprocessor(m.input, m.preprocess, max_pixels=self.settings.max_pixels,
                            draft=self.settings.jpeg_draft)

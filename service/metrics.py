@@ -53,6 +53,18 @@ class Metrics:
             "visionserve_model_load_seconds", "Time to load and warm up the model.", MV, registry=r)
         self.ready = Gauge(
             "visionserve_model_ready", "1 when the model serves requests.", MV, registry=r)
+        self.explanations = Counter(
+            "visionserve_explanations", "Explanations by method and outcome.", [*MV, "method", "outcome"],
+            registry=r)
+        self.explain_duration = Histogram(
+            "visionserve_explain_duration_seconds", "Time of one explanation, image to saliency map.",
+            [*MV, "method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.explain_masks = Counter(
+            "visionserve_explain_masks", "Masked images run for explanations (background priority).", MV,
+            registry=r)
+        self.explain_pending = Gauge(
+            "visionserve_explain_masks_pending", "Masked images of running explanations not yet run.", MV,
+            registry=r)
         self.info = Gauge(
             "visionserve_model_info", "Execution provider in use (value 1).", [*MV, "provider"], registry=r)
         self.loads = Counter(

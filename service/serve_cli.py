@@ -31,6 +31,7 @@ def serve(
     strict_readiness: Annotated[bool | None, Opt(
         "--strict-readiness/--no-strict-readiness",
         help="ready only when every model is available (default: when at least one is)")] = None,
+    max_masks: Annotated[int | None, Opt(help="most masked images one /explain may run (default 1024)")] = None,
 ) -> None:
     """Serve every model in a repository (native API, Open Inference Protocol, /metrics).
 
@@ -48,7 +49,8 @@ def serve(
     if instances is not None:
         defaults["instances"] = instances
     given = dict(repository=repository, host=host, port=port, log_level=log_level, model_control=model_control,
-                 poll_interval_s=poll_interval, load_models=load_model or None, strict_readiness=strict_readiness)
+                 poll_interval_s=poll_interval, load_models=load_model or None, strict_readiness=strict_readiness,
+                 max_masks=max_masks)
     try:
         settings = load_settings(config, **given)
         if defaults:

@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     default_timeout_ms: int | None = Field(default=None, ge=1)
     """Deadline for requests that send no ``X-Request-Timeout-Ms``."""
     max_top_k: int = Field(default=1000, ge=1)
+    max_masks: int = Field(default=1024, ge=1, le=100_000)
+    """Most masked images (forward passes) one explanation may run (``/explain``: RISE masks, occlusion
+    patches)."""
+    explain_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """Deadline of an explanation that sends no ``X-Request-Timeout-Ms``: its work runs only in the engine's
+    idle time, so under heavy live load it may not finish (504)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_timeout_s: float = Field(default=30.0, ge=0)
     """Longest drain on SIGTERM. What is still unanswered then gets a JSON 503, and the exit status is 3."""

@@ -21,7 +21,7 @@ from ..errors import VisionServeError
 from ..metrics import Metrics
 from ..registry import Registry
 from ..settings import Settings
-from . import native, oip, repository
+from . import explain, native, oip, repository
 from .auth import ApiKeyMiddleware
 from .common import error_response
 
@@ -77,6 +77,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.include_router(native.router)
     app.include_router(oip.router)
     app.include_router(repository.router)
+    app.include_router(explain.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
