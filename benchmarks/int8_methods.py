@@ -42,7 +42,8 @@ METHODS = {
     "ort-entropy": "ONNX Runtime, Entropy",
     "nncf-no-bc": "NNCF quantize, MinMax, no bias correction",
     "nncf-fast-bc": "NNCF quantize, fast bias correction",
-    "nncf-bc": "NNCF quantize, full bias correction (the default)",
+    "nncf-bc": "NNCF quantize, full bias correction, per-tensor activations (the default)",
+    "nncf-bc-per-channel-act": "NNCF, full bias correction, NNCF's per-channel activations (depthwise inputs)",
     "nncf-bc-augmented": "NNCF, full bias correction, 512 calibration crops, half colour-jittered",
     "nncf-bc-synthetic": "NNCF, full bias correction, calibrated on distilled data (no photos)",
     "nncf-accuracy-control": "NNCF quantize_with_accuracy_control (selection set, max drop 1 %)",
@@ -66,7 +67,8 @@ def build(method: str, pre: Path, out: Path, cal: np.ndarray, sel: np.ndarray, r
         x = synthetic if method.endswith("synthetic") else cal
         if x is None:
             raise SystemExit("nncf-bc-synthetic needs --synthetic FILE.npy (make one with --distill)")
-        nncf_quantize(pre, raw, x, input_name, bias_correction=bc)
+        nncf_quantize(pre, raw, x, input_name, bias_correction=bc,
+                      per_channel_activations=method == "nncf-bc-per-channel-act")
     slim(raw, out)
     return out
 
@@ -79,6 +81,7 @@ def accuracy_control(pre: Path, out: Path, cal: np.ndarray, sel: np.ndarray, ref
     os.environ.setdefault("NNCF_CI", "1")
     import nncf
     import onnx
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     from quantize.guard import CONFIDENT, softmax
 
@@ -94,7 +97,9 @@ def accuracy_control(pre: Path, out: Path, cal: np.ndarray, sel: np.ndarray, ref
     val_ds = nncf.Dataset([(xs[i:i + 1], labels[i]) for i in range(len(xs))], lambda t: {input_name: t[0]})
     q = nncf.quantize_with_accuracy_control(
         onnx.load(str(pre)), cal_ds, val_ds, validate, max_drop=0.01, preset=nncf.QuantizationPreset.MIXED,
-        target_device=nncf.TargetDevice.CPU, subset_size=len(cal), fast_bias_correction=False)
+        target_device=nncf.TargetDevice.CPU, subset_size=len(cal), fast_bias_correction=False,
+        advanced_quantization_parameters=AdvancedQuantizationParameters(
+            activations_quantization_params=QuantizationParameters(per_channel=False)))
     onnx.save(q, str(out))
 
 

@@ -102,7 +102,7 @@ def quantize(
         if calibration == "synthetic":
             from .synthetic import synthetic_for
 
-            synthetic = synthetic_for(entry, weights, arch, module, count=min(limit, 64))
+            synthetic = synthetic_for(entry, weights, arch, module, count=min(limit, 32))
             cal = _described(f"synthetic ({len(synthetic)} inputs distilled from BatchNorm statistics)")
         else:
             cal = _limit(open_set(calibration, role="calibration", count=limit), limit)

@@ -32,13 +32,14 @@ def available() -> bool:
 
 
 def nncf_quantize(model: Path, out: Path, tensors: np.ndarray, input_name: str, *,
-                  ignored: tuple[str, ...] = (), bias_correction: str = "full") -> Path:
+                  ignored: tuple[str, ...] = (), bias_correction: str = "full",
+                  per_channel_activations: bool = False) -> Path:
     """Quantize ``model`` (fp32 ONNX) with NNCF on ``tensors``; nodes named in ``ignored`` stay float."""
     # NNCF's usage telemetry (openvino-telemetry) is off: a build tool sends nothing anywhere
     os.environ.setdefault("NNCF_CI", "1")
     import nncf
     import onnx
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     m = onnx.load(str(model))
     data = nncf.Dataset([tensors[i:i + 1] for i in range(len(tensors))], lambda x: {input_name: x})
@@ -46,7 +47,12 @@ def nncf_quantize(model: Path, out: Path, tensors: np.ndarray, input_name: str, 
         m, data, preset=nncf.QuantizationPreset.MIXED, target_device=nncf.TargetDevice.CPU,
         subset_size=len(tensors), fast_bias_correction=bias_correction == "fast",
         ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False) if ignored else None,
-        advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=bias_correction == "none"),
+        advanced_parameters=AdvancedQuantizationParameters(
+            disable_bias_correction=bias_correction == "none",
+            # per-channel activation scales (NNCF's choice for depthwise inputs) have no int8 kernel in ONNX
+            # Runtime: those convolutions would run in float between a DQ and a Q
+            activations_quantization_params=None if per_channel_activations else QuantizationParameters(
+                per_channel=False)),
     )
     onnx.save(q, str(out))
     return out

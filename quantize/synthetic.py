@@ -21,7 +21,7 @@ import numpy as np
 log = logging.getLogger("visionserve.quantize")
 
 
-def distill(model, count: int = 64, size: tuple[int, int] = (224, 224), iterations: int = 100, batch: int = 32,
+def distill(model, count: int = 32, size: tuple[int, int] = (224, 224), iterations: int = 60, batch: int = 32,
             lr: float = 0.25, tile: int = 2, seed: int = 0, progress: Callable[[int], None] | None = None
             ) -> np.ndarray:
     """``count`` inputs (N, 3, H, W, float32, normalised space) whose BatchNorm statistics match ``model``'s.
@@ -81,7 +81,7 @@ def distill(model, count: int = 64, size: tuple[int, int] = (224, 224), iteratio
     return np.concatenate(out)
 
 
-def synthetic_for(entry, weights, arch: str | None, module: str | None, count: int = 64) -> np.ndarray:
+def synthetic_for(entry, weights, arch: str | None, module: str | None, count: int = 32) -> np.ndarray:
     """Distilled calibration inputs for a repository entry, from its PyTorch weights.
 
     The architecture comes from ``--arch``/``--module``, else from the entry's ``provenance.source``
