@@ -41,11 +41,13 @@ METHODS = {
     "ort-percentile": "ONNX Runtime, Percentile 99.999",
     "ort-entropy": "ONNX Runtime, Entropy",
     "nncf-no-bc": "NNCF quantize, MinMax, no bias correction",
-    "nncf-fast-bc": "NNCF quantize, fast bias correction",
-    "nncf-bc": "NNCF quantize, full bias correction, per-tensor activations (the default)",
+    "nncf-fast-bc": "NNCF quantize, fast bias correction, per-tensor activations (the default)",
+    "nncf-bc": "NNCF quantize, full bias correction",
     "nncf-bc-per-channel-act": "NNCF, full bias correction, NNCF's per-channel activations (depthwise inputs)",
     "nncf-bc-augmented": "NNCF, full bias correction, 512 calibration crops, half colour-jittered",
     "nncf-bc-synthetic": "NNCF, full bias correction, calibrated on distilled data (no photos)",
+    "nncf-fast-bc-augmented": "NNCF, fast bias correction, 512 calibration crops, half colour-jittered",
+    "nncf-fast-bc-synthetic": "NNCF, fast bias correction, calibrated on distilled data (no photos)",
     "nncf-accuracy-control": "NNCF quantize_with_accuracy_control (selection set, max drop 1 %)",
 }
 
@@ -63,7 +65,7 @@ def build(method: str, pre: Path, out: Path, cal: np.ndarray, sel: np.ndarray, r
     elif method == "nncf-accuracy-control":
         accuracy_control(pre, raw, cal, sel, ref_sel, input_name)
     else:
-        bc = {"nncf-no-bc": "none", "nncf-fast-bc": "fast"}.get(method, "full")
+        bc = "none" if method == "nncf-no-bc" else "fast" if method.startswith("nncf-fast-bc") else "full"
         x = synthetic if method.endswith("synthetic") else cal
         if x is None:
             raise SystemExit("nncf-bc-synthetic needs --synthetic FILE.npy (make one with --distill)")

@@ -42,7 +42,7 @@ def quantize(
     target: Annotated[str, Opt(help="auto, x86-novnni, x86-vnni, arm or tensorrt")] = "auto",
     method: Annotated[str, Opt(help="auto (nncf where the target takes it), nncf (MinMax + bias correction), "
                                     "or ONNX Runtime's minmax, entropy, percentile")] = "auto",
-    bias_correction: Annotated[str, Opt(help="nncf: full, fast or none")] = "full",
+    bias_correction: Annotated[str, Opt(help="nncf: fast (default), full or none")] = "fast",
     min_speedup: Annotated[float, Opt(help="refuse int8 slower than this × fp32 throughput at --serving-batch")
                            ] = 1.2,
     allow_slow: Annotated[bool, Opt("--allow-slow", help="write the int8 model even under --min-speedup")] = False,

@@ -32,7 +32,7 @@ def available() -> bool:
 
 
 def nncf_quantize(model: Path, out: Path, tensors: np.ndarray, input_name: str, *,
-                  ignored: tuple[str, ...] = (), bias_correction: str = "full",
+                  ignored: tuple[str, ...] = (), bias_correction: str = "fast",
                   per_channel_activations: bool = False) -> Path:
     """Quantize ``model`` (fp32 ONNX) with NNCF on ``tensors``; nodes named in ``ignored`` stay float."""
     # NNCF's usage telemetry (openvino-telemetry) is off: a build tool sends nothing anywhere

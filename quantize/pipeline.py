@@ -60,7 +60,7 @@ class QuantizeJob:
     serving_batch: int = 8
     # calibration inputs made elsewhere (``--calibration synthetic``): used instead of ``calibration``'s images
     calibration_tensors: np.ndarray | None = None
-    bias_correction: str = "full"  # NNCF: full, fast or none
+    bias_correction: str = "fast"  # NNCF: fast, full or none (chosen on the selection set: docs/optimize.md)
 
 
 def show_drop(drop: float, kind: str) -> str:
