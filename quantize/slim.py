@@ -100,11 +100,11 @@ def slim(src: Path, dst: Path) -> SlimReport:
         scale = np.broadcast_to(scale, b.shape).copy() if scale.size == 1 and b.size > 1 else scale.reshape(-1)
         q = np.clip(np.rint(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
         name = n.input[2]
-        for t in (numpy_helper.from_array(q, name + "_int32"), numpy_helper.from_array(scale, name + "_scale"),
-                  numpy_helper.from_array(np.zeros(q.shape, np.int32), name + "_zp")):
+        for t in (numpy_helper.from_array(q, name + "_int32"), numpy_helper.from_array(scale, name + "_scale")):
             g.initializer.append(t)
             inits[t.name] = t
-        new_nodes.append(helper.make_node("DequantizeLinear", [name + "_int32", name + "_scale", name + "_zp"],
+        # no zero point: an int32 DequantizeLinear's defaults to 0, and a tensor of zeros per channel is waste
+        new_nodes.append(helper.make_node("DequantizeLinear", [name + "_int32", name + "_scale"],
                                           [name + "_dq"], name=name + "_DequantizeLinear", axis=0))
         n.input[2] = name + "_dq"
         biases += 1
