@@ -240,5 +240,14 @@ def test_default_mobilenet_int8_meets_the_guard_and_is_idempotent(mobilenet_repo
     assert guard["passed"] and m.provenance.derived_from == "mobilenet_v2:1"
     assert guard["fidelity"]["top1_agreement_confident"] >= 0.97
     assert guard["fidelity"]["confident_images"] >= 100
+    # the reported figure is the held-out one: other photos than calibration's and the guard's
+    notes = m.provenance.notes
+    held = notes["held_out"]
+    assert "held-out photos" in held["source"] and held["groups"] == 7
+    assert held["fidelity"]["confident_images"] >= 200
+    assert held["fidelity"]["top1_agreement_confident"] >= 0.97
+    assert held["top1_agreement_confident_ci95"][0] >= 0.9
+    assert notes["size"]["ratio"] <= 0.30  # int8 weights, no float copies left behind
+    assert notes["speed"]["ratio"]["serving_batch"] == 8
     build_default_int8(repo)  # a valid entry is kept, not rebuilt
     assert versions(repo, NAME) == ["1"]
