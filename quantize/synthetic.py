@@ -67,7 +67,7 @@ def distill(model, count: int = 32, size: tuple[int, int] = (224, 224), iteratio
                 loss.backward()
                 opt.step()
                 if it % 20 == 0:
-                    log.debug("step %d: BN-statistics loss %.3f", it, float(loss))
+                    log.debug("step %d: BN-statistics loss %.3f", it, float(loss.detach()))
                 sched.step()
             full = np.tile(x.detach().numpy().astype(np.float32), (1, 1, tile + 1, tile + 1))
             out.append(np.ascontiguousarray(full[:, :, :size[0], :size[1]]))

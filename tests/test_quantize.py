@@ -251,3 +251,23 @@ def test_default_mobilenet_int8_meets_the_guard_and_is_idempotent(mobilenet_repo
     assert notes["speed"]["ratio"]["serving_batch"] == 8
     build_default_int8(repo)  # a valid entry is kept, not rebuilt
     assert versions(repo, NAME) == ["1"]
+
+
+def test_synthetic_calibration_needs_no_images(repo: Path, split: tuple[Path, Path]) -> None:
+    """Inputs distilled from the digits CNN's BatchNorm statistics calibrate it; no calibration image is read."""
+    code, out = quantize("digits", "-r", str(repo), "--calibration", "synthetic", "--weights",
+                         str(DIGITS / "digits_cnn.pt"), "--eval", str(split[1]), "--max-drop", "0.02")
+    assert code == 0, out
+    notes = load_entry(repo / "digits_int8" / "1").manifest.provenance.notes
+    assert notes["calibration"]["source"].startswith("synthetic") and notes["calibration"]["images"] == 32
+    held = notes["held_out"]["fidelity"]
+    assert held["drop_kind"] == "top-1 accuracy drop" and held["drop"] <= 0.02
+
+
+def test_synthetic_calibration_refuses_missing_or_foreign_weights(repo: Path, split: tuple[Path, Path]) -> None:
+    code, out = quantize("digits", "-r", str(repo), "--calibration", "synthetic", "--eval", str(split[1]))
+    assert code != 0 and "--weights" in out
+    code, out = quantize("digits", "-r", str(repo), "--calibration", "synthetic", "--eval", str(split[1]),
+                         "--weights", str(ROOT / "examples" / "shapes_detector.pt"))
+    assert code != 0 and "not the weights" in out
+    assert versions(repo, "digits_int8") == []
