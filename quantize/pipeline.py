@@ -214,11 +214,14 @@ def _held_out(job: QuantizeJob, model: Path, ho: np.ndarray | None, targets: np.
     """The reported figure: int8 against fp32 on the held-out set, which no decision above has seen."""
     if job.detect_held_out is not None:
         from .evaluate_detect import evaluate_detection
+        from .map_bootstrap import drop_ci
 
         coco, images = job.detect_held_out
-        ref = evaluate_detection(job.source, coco, images, threads=job.threads)
-        got = evaluate_detection(job.source, coco, images, onnx_path=model, threads=job.threads)
-        result = detect_fidelity(ref, got)
+        sinks: tuple[dict, dict] = ({}, {})
+        ref = evaluate_detection(job.source, coco, images, threads=job.threads, sink=sinks[0])
+        got = evaluate_detection(job.source, coco, images, onnx_path=model, threads=job.threads, sink=sinks[1])
+        ci = drop_ci(sinks[0]["coco_eval"], sinks[1]["coco_eval"]) if all(sinks) else None
+        result = detect_fidelity(ref, got, ci)
     elif ho is not None and job.held_out is not None:
         ref = predict(session(job.source.model_path, job.threads), ho)
         result = held_out(ref, predict(session(model, job.threads), ho), targets, job.held_out.groups,

@@ -100,3 +100,52 @@ def test_slim_gives_the_same_answers_from_a_smaller_fusable_graph(tmp_path: Path
     assert numpy_helper.to_array(inits[q.input[2]]) == 125  # -3 + 128
     assert report.bytes_after < report.bytes_before and dst.stat().st_size == report.bytes_after
     assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) == 2  # the weight's is folded away
+
+
+def _coco_eval(dets_jitter: float, seed: int):
+    """COCOeval over 30 synthetic images, 2 classes, with detections jittered around the truth."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(seed)
+    images, anns, dets = [], [], []
+    for i in range(1, 31):
+        images.append({"id": i, "width": 200, "height": 200, "file_name": f"{i}.png"})
+        for _ in range(int(rng.integers(1, 4))):
+            x, y, w, h = (float(v) for v in rng.uniform([0, 0, 20, 20], [150, 150, 50, 50]))
+            c = int(rng.integers(1, 3))
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+            if rng.random() < 0.9:
+                dx, dy = rng.normal(0, dets_jitter, 2)
+                dets.append({"image_id": i, "category_id": c, "bbox": [x + dx, y + dy, w, h],
+                             "score": float(rng.uniform(0.3, 1))})
+        dets.append({"image_id": i, "category_id": int(rng.integers(1, 3)), "bbox": [5.0, 5.0, 30.0, 30.0],
+                     "score": float(rng.uniform(0, 0.8))})  # a false positive now and then
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"},
+                                                                          {"id": 2, "name": "b"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def test_map_bootstrap_reproduces_pycocotools_and_brackets_the_drop() -> None:
+    from quantize.map_bootstrap import drop_ci, map50, per_image
+
+    ref, got = _coco_eval(1.0, 0), _coco_eval(6.0, 0)  # same truth; the second's boxes are looser
+    everything = np.arange(30)
+    # the re-accumulation over all images is COCO's own mAP@0.5
+    assert map50(per_image(ref), everything) == pytest.approx(ref.stats[1], abs=1e-9)
+    assert map50(per_image(got), everything) == pytest.approx(got.stats[1], abs=1e-9)
+    drop = ref.stats[1] - got.stats[1]
+    lo, hi = drop_ci(ref, got, reps=200)
+    assert lo <= drop <= hi and hi > lo
+    assert drop_ci(ref, ref, reps=50) == (0.0, 0.0)  # identical models: no drop in any replicate
