@@ -56,7 +56,8 @@ def main() -> None:
             for tag, f in (("nncf-fast-bc", work / "n.onnx"), ("ort-minmax", work / "o.onnx")):
                 got = predict(session(f), ho)
                 h = held_out(ref, got, None, ho_set.groups, ho_set.source)
-                print(json.dumps({"arch": arch, "method": tag, "top1_agreement_all": round(h.fidelity.top1_agreement, 4),
+                print(json.dumps({"arch": arch, "method": tag,
+                                  "top1_agreement_all": round(h.fidelity.top1_agreement, 4),
                                   "top5": round(h.fidelity.top5_agreement, 4),
                                   "confident_images": h.fidelity.confident_images,
                                   "max_abs_logit_diff": float(np.abs(got - ref).max()),
