@@ -301,7 +301,7 @@ def optimize(
     epochs: Annotated[int, Opt(help="fine-tuning epochs")] = 1,
     max_drop: Annotated[float, Opt(help="accuracy guard budget for int8")] = 0.01,
     target: Annotated[str, Opt(help="int8 target (auto, x86-novnni, x86-vnni, arm, tensorrt)")] = "auto",
-    method: Annotated[str, Opt(help="calibration method")] = "minmax",
+    method: Annotated[str, Opt(help="int8 method: auto, nncf, minmax, entropy, percentile")] = "auto",
     report: Annotated[Path, Opt(help="directory for report.md and report.json")] = Path("optimize-report"),
 ) -> None:
     """prune? → convert → quantize → evaluate, with a report of size, MACs, latency and accuracy per stage."""

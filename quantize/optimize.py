@@ -47,7 +47,7 @@ class OptimizeOptions:
     epochs: int = 1
     max_drop: float = 0.01
     target: str = "auto"
-    method: str = "minmax"
+    method: str = "auto"  # NNCF where the target takes it (quantize.int8.settings_for)
     report: Path = Path("optimize-report")
     calibration_limit: int = 256
     eval_limit: int = 600
