@@ -71,7 +71,7 @@ def distill(model, count: int = 32, size: tuple[int, int] = (224, 224), iteratio
                 sched.step()
             full = np.tile(x.detach().numpy().astype(np.float32), (1, 1, tile + 1, tile + 1))
             out.append(np.ascontiguousarray(full[:, :, :size[0], :size[1]]))
-            log.info("distilled %d/%d inputs (BN-statistics loss %.3f, %.0f s)", start + n, count, float(loss),
+            log.info("distilled %d/%d inputs (BN-statistics loss %.3f, %.0f s)", start + n, count, float(loss.detach()),
                      time.perf_counter() - started)
             if progress:
                 progress(n)
