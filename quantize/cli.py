@@ -25,20 +25,36 @@ def _setup_logging() -> None:
 def quantize(
     model: Annotated[str, Arg(help="repository model NAME[:VERSION], or an .onnx file")],
     repository: Annotated[Path, Opt("--repository", "-r", help="model repository (read and written)")],
-    calibration: Annotated[str, Opt(help="folder of calibration images, or 'natural' (built-in photo crops)")],
-    eval: Annotated[Optional[str], Opt("--eval", help="held-out images (ImageFolder for accuracy), or 'natural'; "
-                                                      "detectors: a COCO annotations .json")] = None,
+    calibration: Annotated[str, Opt(help="folder of calibration images, 'natural' (built-in photo crops) or "
+                                         "'synthetic' (distilled from the model's BatchNorm statistics; needs "
+                                         "--weights)")],
+    eval: Annotated[Optional[str], Opt("--eval", help="the guard's selection images (ImageFolder for accuracy), "
+                                                      "or 'natural'; detectors: a COCO annotations .json")] = None,
     eval_images: Annotated[Optional[Path], Opt("--eval-images", help="detectors: the images of the --eval COCO "
                                                                      "json (default: images/ beside it)")] = None,
+    held_out: Annotated[Optional[str], Opt("--held-out", help="images only measured, never used to decide: the "
+                                                              "figure reported (default: half of --eval; "
+                                                              "detectors: a COCO .json)")] = None,
+    held_out_images: Annotated[Optional[Path], Opt(help="detectors: the images of the --held-out json")] = None,
     max_drop: Annotated[float, Opt(help="largest allowed drop (fraction): accuracy with labels, else "
                                         "top-1 disagreement on confident images; detectors: absolute "
                                         "mAP@0.5 (0.01 = 1 point)")] = 0.01,
     target: Annotated[str, Opt(help="auto, x86-novnni, x86-vnni, arm or tensorrt")] = "auto",
-    method: Annotated[str, Opt(help="calibration: minmax, entropy or percentile")] = "minmax",
+    method: Annotated[str, Opt(help="auto (nncf where the target takes it), nncf (MinMax + bias correction), "
+                                    "or ONNX Runtime's minmax, entropy, percentile")] = "auto",
+    bias_correction: Annotated[str, Opt(help="nncf: fast (default), full or none")] = "fast",
+    min_speedup: Annotated[float, Opt(help="refuse int8 slower than this × fp32 throughput at --serving-batch")
+                           ] = 1.2,
+    allow_slow: Annotated[bool, Opt("--allow-slow", help="write the int8 model even under --min-speedup")] = False,
+    serving_batch: Annotated[int, Opt(help="the batch size the speed guard times")] = 8,
+    weights: Annotated[Optional[Path], Opt(help="--calibration synthetic: the PyTorch weights of the model")] = None,
+    arch: Annotated[Optional[str], Opt(help="--calibration synthetic: torchvision architecture (default: from "
+                                            "the entry's provenance)")] = None,
+    module: Annotated[Optional[str], Opt(help="--calibration synthetic: 'package.module:factory'")] = None,
     name: Annotated[Optional[str], Opt(help="name of the new entry (default <model>_int8)")] = None,
     version: Annotated[Optional[str], Opt(help="version to write (default: next)")] = None,
     limit: Annotated[int, Opt(help="use at most this many calibration images")] = 256,
-    eval_limit: Annotated[int, Opt(help="use at most this many evaluation images")] = 600,
+    eval_limit: Annotated[int, Opt(help="use at most this many selection (and held-out) images")] = 600,
     max_excluded: Annotated[float, Opt(help="share of weighted nodes the guard may keep in float")] = 0.25,
     exclude: Annotated[Optional[str], Opt(help="nodes to keep in float from the start, comma-separated")] = None,
     reduce_range: Annotated[Optional[bool], Opt("--reduce-range/--no-reduce-range",
@@ -49,7 +65,7 @@ def quantize(
     threads: Annotated[int, Opt(help="ONNX Runtime threads for evaluation and timing")] = 2,
     overwrite: Annotated[bool, Opt(help="replace an existing version")] = False,
 ) -> None:
-    """Static int8 (QDQ) quantization with an accuracy guard; writes a new repository entry."""
+    """Static int8 (QDQ) quantization with an accuracy guard and a speed guard; writes a new repository entry."""
     _setup_logging()
     from pydantic import ValidationError
 
@@ -77,37 +93,72 @@ def quantize(
             overrides["reduce_range"] = reduce_range
         if exclude:
             overrides["nodes_to_exclude"] = tuple(n.strip() for n in exclude.split(",") if n.strip())
+        if detect and method == "auto":
+            method = "minmax"  # measured for detectors (docs/detection.md)
         settings = settings_for(tgt, method, **overrides)
-        cal = _limit(open_set(calibration, role="calibration", count=limit), limit)
-        detect_eval = None
+        if bias_correction not in ("full", "fast", "none"):
+            fail(f"--bias-correction is full, fast or none, not {bias_correction!r}")
+        synthetic = None
+        if calibration == "synthetic":
+            from .synthetic import synthetic_for
+
+            synthetic = synthetic_for(entry, weights, arch, module, count=min(limit, 32))
+            cal = _described(f"synthetic ({len(synthetic)} inputs distilled from BatchNorm statistics)")
+        else:
+            cal = _limit(open_set(calibration, role="calibration", count=limit), limit)
+        detect_eval = detect_held = None
+        ev = ho = None
         if detect:
-            ev = None
             if eval:
-                coco = Path(eval)
-                if coco.suffix.lower() != ".json" or not coco.is_file():
-                    fail(f"--eval for a detector is a COCO annotations .json; {eval} is not one")
-                detect_eval = (coco, eval_images or coco.parent / "images")
-                if not detect_eval[1].is_dir():
-                    fail(f"the images of {coco} are not in {detect_eval[1]}; give --eval-images DIR")
+                detect_eval = _coco(eval, eval_images, "--eval")
             elif not no_guard:
                 fail("a detector's guard needs --eval ANNOTATIONS.json (COCO, with --eval-images or images/ "
                      "beside it); or --no-guard")
+            if held_out:
+                detect_held = _coco(held_out, held_out_images, "--held-out")
         else:
-            ev = _limit(open_set(eval, role="evaluation", count=eval_limit), eval_limit) if eval else None
+            ev = _limit(open_set(eval, role="selection", count=eval_limit), eval_limit) if eval else None
+            if held_out:
+                ho = _limit(open_set(held_out, role="held-out", count=eval_limit), eval_limit)
+            elif ev is not None and eval == "natural":
+                ho = open_set("natural", role="held-out", count=eval_limit)
+            elif ev is not None:
+                ev, ho = hold_out(ev, every=2, names=("selection", "held out"))
+                typer.echo(f"no --held-out: {len(ho)} of the --eval images are held out for the report")
         if ev is None and not no_guard and not detect:
-            cal, ev = hold_out(cal)
-            typer.echo(f"no --eval: holding out {len(ev)} of the calibration images for the guard")
+            if synthetic is not None:
+                fail("--calibration synthetic has no images to hold out: give --eval (and --held-out)")
+            cal, ev, ho = hold_out(cal, three=True)
+            typer.echo(f"no --eval: {len(ev)} of the calibration images select, {len(ho)} are held out")
         job = QuantizeJob(
             source=entry, repository=repository, name=name or f"{entry.manifest.name}_int8",
             calibration=cal, evaluation=ev, settings=settings, max_drop=None if no_guard else max_drop,
             max_excluded=max_excluded, version=version, overwrite=overwrite, threads=threads,
             derived_from=None if model.endswith(".onnx") else
-            f"{entry.manifest.name}:{entry.manifest.version}", detect_eval=detect_eval,
+            f"{entry.manifest.name}:{entry.manifest.version}", detect_eval=detect_eval, held_out=ho,
+            detect_held_out=detect_held, min_speedup=min_speedup, allow_slow=allow_slow,
+            serving_batch=serving_batch, calibration_tensors=synthetic, bias_correction=bias_correction,
         )
         result = run_quantize(job)
     except (QuantizeError, DatasetError, RepositoryError, ValidationError, ValueError, OSError) as e:
         fail(str(e))
     typer.echo(_quantize_summary(result))
+
+
+def _coco(spec: str, images: Optional[Path], flag: str) -> tuple[Path, Path]:
+    coco = Path(spec)
+    if coco.suffix.lower() != ".json" or not coco.is_file():
+        fail(f"{flag} for a detector is a COCO annotations .json; {spec} is not one")
+    pair = (coco, images or coco.parent / "images")
+    if not pair[1].is_dir():
+        fail(f"the images of {coco} are not in {pair[1]}; give {flag}-images DIR")
+    return pair
+
+
+def _described(source: str):
+    from .data import ImageSet
+
+    return ImageSet([], source)
 
 
 def _limit(images, n: int):
@@ -118,6 +169,8 @@ def _limit(images, n: int):
         images.items = [images.items[i] for i in keep]
         if images.targets is not None:
             images.targets = [images.targets[i] for i in keep]
+        if images.groups is not None:
+            images.groups = [images.groups[i] for i in keep]
     return images
 
 
@@ -126,27 +179,35 @@ def _quantize_summary(result) -> str:
     lines = [f"wrote {result.entry.directory} ({result.seconds:.0f} s)"]
     if result.first_fidelity is not None:
         first = "before fallback" if m.task == "detect" else "all quantized"  # detectors: tail in float
-        lines.append(f"  {first + ':':<15}{result.first_fidelity.summary()}")
+        lines.append(f"  selection, {first + ':':<15}{result.first_fidelity.summary()}")
     if result.fidelity is not None:
         f = result.fidelity
         from .pipeline import show_drop
 
-        lines.append(f"  final:         {f.summary()}; {f.drop_kind} {show_drop(f.drop, f.drop_kind)}")
+        lines.append(f"  selection, final:         {f.summary()}; {f.drop_kind} {show_drop(f.drop, f.drop_kind)}")
+    if result.held_out is not None:
+        lines.append(f"  {result.held_out.summary()}")
     q = m.provenance.notes.get("quantization", {})
     lines.append(f"  settings: target {q.get('target')}, {q.get('activation_type')} activations × "  # type: ignore[union-attr]
                  f"{q.get('weight_type')} weights, reduce_range {q.get('reduce_range')}, "  # type: ignore[union-attr]
                  f"method {q.get('method')}")  # type: ignore[union-attr]
     lines.append(f"  kept in float: {', '.join(result.excluded) if result.excluded else 'nothing'}")
+    if result.size:
+        lines.append(f"  size: {int(result.size['int8_bytes']) / 1e6:.2f} MB, {float(result.size['ratio']):.2f} "
+                     f"of fp32 ({int(result.size['fp32_bytes']) / 1e6:.2f} MB)")
     sp = result.speed
     if sp:
-        lines.append(f"  batch 8: fp32 {sp['fp32']['b8_ms']:.1f} ms, int8 {sp['int8']['b8_ms']:.1f} ms "
-                     f"(× {sp['ratio']['int8_vs_fp32_b8']:.2f} throughput)")
-        if sp["ratio"]["int8_vs_fp32_b8"] < 1.0:
-            lines.append("  warning: int8 is not faster than fp32 on this machine; try another --target "
-                         "(e.g. x86-vnni where the CPU has VNNI) or keep the fp32 model")
+        from .speed import speedup
+
+        b = int(sp["ratio"]["serving_batch"])
+        lines.append(f"  batch {b}: fp32 {sp['fp32'][f'b{b}_ms']:.1f} ms, int8 {sp['int8'][f'b{b}_ms']:.1f} ms "
+                     f"(× {speedup(sp):.2f} throughput)")
+        if speedup(sp) < 1.0:
+            lines.append("  warning: int8 is not faster than fp32 on this machine (written because of "
+                         "--allow-slow)")
         if "int8_all_quantized" in sp:
-            lines.append(f"  keeping those in float costs × {sp['ratio']['float_nodes_cost_b8']:.2f} latency "
-                         f"vs all quantized ({sp['int8_all_quantized']['b8_ms']:.1f} ms)")
+            lines.append(f"  keeping those in float costs × {sp['ratio'][f'float_nodes_cost_b{b}']:.2f} latency "
+                         f"vs all quantized ({sp['int8_all_quantized'][f'b{b}_ms']:.1f} ms)")
     return "\n".join(lines)
 
 
@@ -240,7 +301,7 @@ def optimize(
     epochs: Annotated[int, Opt(help="fine-tuning epochs")] = 1,
     max_drop: Annotated[float, Opt(help="accuracy guard budget for int8")] = 0.01,
     target: Annotated[str, Opt(help="int8 target (auto, x86-novnni, x86-vnni, arm, tensorrt)")] = "auto",
-    method: Annotated[str, Opt(help="calibration method")] = "minmax",
+    method: Annotated[str, Opt(help="int8 method: auto, nncf, minmax, entropy, percentile")] = "auto",
     report: Annotated[Path, Opt(help="directory for report.md and report.json")] = Path("optimize-report"),
 ) -> None:
     """prune? → convert → quantize → evaluate, with a report of size, MACs, latency and accuracy per stage."""

@@ -35,6 +35,8 @@ class ImageSet:
     source: str
     classes: list[str] | None = None  # ImageFolder sub-folder names, sorted
     targets: list[int] | None = None  # per item, index into ``classes``
+    # per item, the source it came from (a photo's crops share one): the unit the bootstrap resamples
+    groups: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -82,17 +84,15 @@ def _no_images(directory: Path, what: str, ignored: list[Path]) -> str:
     return msg
 
 
-def open_set(spec: str | Path, *, role: Literal["calibration", "evaluation"] = "calibration",
+def open_set(spec: str | Path, *, role: Literal["calibration", "selection", "held-out"] = "calibration",
              count: int | None = None) -> ImageSet:
-    """A folder path, or ``natural`` for the built-in crops (calibration and evaluation photos differ)."""
+    """A folder path, or ``natural`` for the built-in crops (each role's photos are its own)."""
     if str(spec) == NATURAL:
-        from .natural import calibration_images, evaluation_images
+        from .natural import natural_set
 
-        n = count or (256 if role == "calibration" else 600)
-        imgs = calibration_images(n) if role == "calibration" else evaluation_images(n)
-        return ImageSet(imgs, f"natural ({role} photos, {n} crops)")
+        imgs, groups, photos = natural_set(role, count)
+        return ImageSet(imgs, f"natural ({role} photos: {', '.join(photos)}; {len(imgs)} crops)", groups=groups)
     return scan_folder(Path(spec), what=f"{role} folder")
-
 
 
 def map_classes(images: ImageSet, manifest: Manifest, n_outputs: int) -> list[int]:
@@ -127,17 +127,30 @@ def load_tensors(images: ImageSet, prep: Preprocessor, progress: Callable[[int],
     return out
 
 
-def hold_out(images: ImageSet, every: int = 4) -> tuple[ImageSet, ImageSet]:
-    """Split into (calibration, evaluation): every ``every``-th image is held out; labels are kept."""
-    if len(images) < 2 * every:
-        raise DatasetError(f"{images.source}: {len(images)} images are too few to hold some out for the "
+def hold_out(images: ImageSet, every: int = 4, *, three: bool = False,
+             names: tuple[str, str] = ("all but every {every}th image", "every {every}th image, held out"),
+             ) -> tuple[ImageSet, ...]:
+    """Split one set into disjoint parts, by position (crops of one photo sit together, so they mostly stay
+    together).
+
+    - ``(kept, held)``: every ``every``-th image is held;
+    - ``three=True``: ``(calibration, selection, held_out)``, every 4th image selects for the guard and
+      every 4th (offset by two) is held out for the report; the rest calibrate.
+    """
+    n = len(images)
+    if n < (8 if three else 2 * every):
+        raise DatasetError(f"{images.source}: {n} images are too few to hold some out for the "
                            "accuracy guard; give an evaluation folder (--eval)")
-    idx = range(len(images))
-    keep = [i for i in idx if i % every != every - 1]
-    held = [i for i in idx if i % every == every - 1]
 
     def subset(ix: list[int], what: str) -> ImageSet:
         t = [images.targets[i] for i in ix] if images.targets is not None else None
-        return ImageSet([images.items[i] for i in ix], f"{images.source} ({what})", images.classes, t)
+        g = [images.groups[i] for i in ix] if images.groups is not None else None
+        return ImageSet([images.items[i] for i in ix], f"{images.source} ({what})", images.classes, t, g)
 
-    return subset(keep, f"all but every {every}th image"), subset(held, f"every {every}th image, held out")
+    if three:
+        return (subset([i for i in range(n) if i % 4 in (0, 2)], "half: calibration"),
+                subset([i for i in range(n) if i % 4 == 3], "every 4th image: guard selection"),
+                subset([i for i in range(n) if i % 4 == 1], "every 4th image, offset: held out"))
+    keep = [i for i in range(n) if i % every != every - 1]
+    held = [i for i in range(n) if i % every == every - 1]
+    return subset(keep, names[0].format(every=every)), subset(held, names[1].format(every=every))

@@ -1,10 +1,15 @@
 """The int8 entries of the default repository (``make models``).
 
-- ``mobilenet_v2_int8``: guarded int8 from ``mobilenet_v2``, calibrated on crops of the built-in
-  calibration photos, guarded on crops of *other* photos (``quantize.natural``). About a minute on 2 cores.
+- ``mobilenet_v2_int8``: int8 from ``mobilenet_v2`` by NNCF (MinMax ranges + bias correction), calibrated
+  on crops of the built-in calibration photos, guarded on crops of *other* photos, and reported (manifest
+  ``notes.held_out``) on crops of a third set of photos that nothing decided on (``quantize.natural``).
+  About a minute on 2 cores.
 - ``shapes_detector_int8``: guarded int8 from the latest ``shapes_detector``, calibrated on 64 images of
-  the shapes *val* split, guarded on mAP@0.5 over 200 images of the *test* split (drop ≤ 1 point).
-  About 15 s.
+  the shapes *val* split, guarded on mAP@0.5 over 200 images of the *test* split (drop ≤ 1 point), reported
+  on the next 200 images of the test split. About 30 s.
+
+Both are built with the speed guard *measured and recorded* but not enforced (``allow_slow``): the demo must
+build on any CPU; ``visionserve quantize`` enforces it (``--min-speedup``).
 
 Idempotent: a readable existing entry is kept (the detector's only while it derives from the latest
 ``shapes_detector`` version, so new weights give a new int8 version).
@@ -18,12 +23,14 @@ from service.repository import has_valid_version, valid_entries
 
 SOURCE = "mobilenet_v2"
 NAME = "mobilenet_v2_int8"
-MAX_DROP = 0.015  # top-1 disagreement with fp32 on confident natural images
+MAX_DROP = 0.015  # top-1 disagreement with fp32 on confident natural images (of the selection photos)
+MIN_SPEEDUP = 1.2
 DETECTOR = "shapes_detector"
 DETECTOR_INT8 = "shapes_detector_int8"
 DETECTOR_MAX_DROP = 0.01  # absolute mAP@0.5 (1 point)
 DETECTOR_CALIBRATION = 64  # images of the shapes val split
 DETECTOR_GUARD = 200  # images of the shapes test split
+DETECTOR_HELD_OUT = 200  # the next images of the test split: reported, never used to decide
 
 
 def build_default_int8(repo: Path) -> None:
@@ -41,16 +48,27 @@ def build_default_int8(repo: Path) -> None:
     entry = resolve(SOURCE, repo)
     job = QuantizeJob(
         source=entry, repository=repo, name=NAME,
-        calibration=open_set("natural", role="calibration", count=256),
-        evaluation=open_set("natural", role="evaluation", count=600),
-        settings=settings_for(detect_target(), "minmax"), max_drop=MAX_DROP,
-        derived_from=f"{entry.manifest.name}:{entry.manifest.version}",
+        calibration=open_set("natural", role="calibration"), evaluation=open_set("natural", role="selection"),
+        held_out=open_set("natural", role="held-out"), settings=settings_for(detect_target()),
+        max_drop=MAX_DROP, derived_from=f"{entry.manifest.name}:{entry.manifest.version}",
+        min_speedup=MIN_SPEEDUP, allow_slow=True,
     )
-    result = run_quantize(job)
-    f = result.fidelity
-    assert f is not None
-    typer.echo(f"built {result.entry.directory}: {f.summary()}; kept in float: {len(result.excluded)} nodes; "
-               f"batch-8 throughput × {result.speed['ratio']['int8_vs_fp32_b8']:.2f} ({result.seconds:.0f} s)")
+    _report(run_quantize(job))
+
+
+def _report(result) -> None:
+    import typer
+
+    from .speed import speedup
+
+    assert result.held_out is not None
+    r = speedup(result.speed)
+    typer.echo(f"built {result.entry.directory}: {result.held_out.summary()}; kept in float: "
+               f"{len(result.excluded)} nodes; {float(result.size['ratio']):.2f} of the fp32 size; batch-8 "
+               f"throughput × {r:.2f} ({result.seconds:.0f} s)")
+    if r < MIN_SPEEDUP:
+        typer.echo(f"warning: int8 is only × {r:.2f} fp32 on this machine (under {MIN_SPEEDUP}); "
+                   "`visionserve quantize` would refuse it; the demo keeps it")
 
 
 def _derives_from(repo: Path, name: str, parent: str) -> bool:
@@ -81,17 +99,16 @@ def build_default_detector_int8(repo: Path) -> None:
     from examples.shapes_data import split, write_coco
 
     with tempfile.TemporaryDirectory(prefix="vs-shapes-") as tmp:
-        val, test = Path(tmp) / "val", Path(tmp) / "test"
+        val, test, held = Path(tmp) / "val", Path(tmp) / "test", Path(tmp) / "held"
         write_coco(split("val", DETECTOR_CALIBRATION), val / "images", val / "annotations.json")
         write_coco(split("test", DETECTOR_GUARD), test / "images", test / "annotations.json")
+        write_coco(split("test", DETECTOR_HELD_OUT, start=DETECTOR_GUARD), held / "images",
+                   held / "annotations.json")
         job = QuantizeJob(
             source=entry, repository=repo, name=DETECTOR_INT8,
             calibration=scan_folder(val / "images", what="calibration images"), evaluation=None,
             settings=settings_for(detect_target(), "minmax"), max_drop=DETECTOR_MAX_DROP,
             derived_from=parent, detect_eval=(test / "annotations.json", test / "images"),
+            detect_held_out=(held / "annotations.json", held / "images"), min_speedup=MIN_SPEEDUP, allow_slow=True,
         )
-        result = run_quantize(job)
-    f = result.fidelity
-    assert f is not None
-    typer.echo(f"built {result.entry.directory}: {f.summary()}; batch-8 throughput "
-               f"× {result.speed['ratio']['int8_vs_fp32_b8']:.2f} ({result.seconds:.0f} s)")
+        _report(run_quantize(job))

@@ -91,6 +91,7 @@ class DetectFidelity:
     int8_map50: float
     fp32_map: float  # mAP@[.5:.95]
     int8_map: float
+    drop_ci: tuple[float, float] | None = None  # 95 % paired bootstrap over images (held-out report)
 
     @property
     def drop(self) -> float:
@@ -103,17 +104,21 @@ class DetectFidelity:
     def as_dict(self) -> dict[str, object]:
         return {"images": self.images, "fp32_mAP@0.5": self.fp32_map50, "int8_mAP@0.5": self.int8_map50,
                 "fp32_mAP@[.5:.95]": self.fp32_map, "int8_mAP@[.5:.95]": self.int8_map,
-                "drop": round(self.drop, 5), "drop_kind": self.drop_kind}
+                "drop": round(self.drop, 5), "drop_kind": self.drop_kind,
+                **({"drop_ci95": [round(v, 5) for v in self.drop_ci]} if self.drop_ci else {})}
 
     def summary(self) -> str:
-        return (f"mAP@0.5 fp32 {self.fp32_map50:.3f} → int8 {self.int8_map50:.3f}, mAP@[.5:.95] "
+        ci = (f" (drop {100 * self.drop:.2f} pt, 95 % CI {100 * self.drop_ci[0]:.2f}–{100 * self.drop_ci[1]:.2f} pt)"
+              if self.drop_ci else "")
+        return (f"mAP@0.5 fp32 {self.fp32_map50:.3f} → int8 {self.int8_map50:.3f}{ci}, mAP@[.5:.95] "
                 f"{self.fp32_map:.3f} → {self.int8_map:.3f} over {self.images} images")
 
 
-def detect_fidelity(ref: dict[str, Any], got: dict[str, Any]) -> DetectFidelity:
+def detect_fidelity(ref: dict[str, Any], got: dict[str, Any],
+                    drop_ci: tuple[float, float] | None = None) -> DetectFidelity:
     """From two ``evaluate_detection`` results (fp32, int8)."""
     return DetectFidelity(int(got["images"]), float(ref["mAP@0.5"]), float(got["mAP@0.5"]),
-                          float(ref["mAP@[.5:.95]"]), float(got["mAP@[.5:.95]"]))
+                          float(ref["mAP@[.5:.95]"]), float(got["mAP@[.5:.95]"]), drop_ci)
 
 
 def check_quantizable(entry: ModelEntry) -> None:

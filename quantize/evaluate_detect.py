@@ -68,10 +68,11 @@ def predict(entry: ModelEntry, files: list[Path], *, onnx_path: Path | None = No
 
 def evaluate_detection(entry: ModelEntry, coco_json: Path, images_dir: Path, *, onnx_path: Path | None = None,
                        score_threshold: float = 0.001, iou_threshold: float = 0.6, max_detections: int = 100,
-                       threads: int = 2) -> dict[str, Any]:
+                       threads: int = 2, sink: dict[str, Any] | None = None) -> dict[str, Any]:
     """mAP@0.5 and mAP@[.5:.95] (pycocotools) of ``entry`` (or ``onnx_path`` with its manifest) on a COCO set.
 
     Defaults follow the usual COCO protocol: a low score threshold and at most 100 detections an image.
+    ``sink``, when given, receives the ``COCOeval`` object (``sink["coco_eval"]``), for a bootstrap.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -103,6 +104,8 @@ def evaluate_detection(entry: ModelEntry, coco_json: Path, images_dir: Path, *, 
             ev.accumulate()
             ev.summarize()
         stats = [float(s) for s in ev.stats]
+        if sink is not None:
+            sink["coco_eval"] = ev
         precision = ev.eval["precision"]  # [T, R, K, A, M]: IoU 0.5 is T=0, all areas, 100 dets
         for k, cat_id in enumerate(ev.params.catIds):
             p = precision[0, :, k, 0, -1]

@@ -19,9 +19,11 @@ from onnxruntime.quantization import CalibrationDataReader
 log = logging.getLogger("visionserve.quantize")
 
 Target = Literal["x86-novnni", "x86-vnni", "arm", "tensorrt"]
-Method = Literal["minmax", "entropy", "percentile"]
+Method = Literal["nncf", "minmax", "entropy", "percentile"]
 TARGETS: tuple[str, ...] = ("x86-novnni", "x86-vnni", "arm", "tensorrt")
-METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
+# nncf: NNCF's MinMax ranges with bias correction (quantize/nncf_ptq.py); the others: ONNX Runtime's calibrators
+METHODS: tuple[str, ...] = ("nncf", "minmax", "entropy", "percentile")
+NNCF_TARGETS = ("x86-vnni", "arm")  # NNCF's output, after quantize.slim: u8 activations × s8 weights
 
 
 class QuantizeError(Exception):
@@ -50,8 +52,8 @@ class Settings:
         return d
 
 
-def settings_for(target: str, method: str = "minmax", **overrides: object) -> Settings:
-    """The settings a target wants.
+def settings_for(target: str, method: str = "auto", **overrides: object) -> Settings:
+    """The settings a target wants; ``method="auto"``: NNCF where it fits the target and is installed.
 
     - ``x86-novnni`` (AVX2 without VNNI): u8 activations × u8 weights. AVX2's u8×s8 kernel adds pairs of
       products in int16 with saturation (``vpmaddubsw``); u8u8 avoids it at full 8-bit weight precision.
@@ -63,6 +65,13 @@ def settings_for(target: str, method: str = "minmax", **overrides: object) -> Se
     """
     if target not in TARGETS:
         raise QuantizeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if method == "auto":
+        from .nncf_ptq import available
+
+        method = "nncf" if target in NNCF_TARGETS and available() else "minmax"
+    if method == "nncf" and target not in NNCF_TARGETS:
+        raise QuantizeError(f"--method nncf writes u8 activations × s8 weights, which target {target} does not "
+                            f"run well; use --method minmax (or percentile) for {target}")
     if method not in METHODS:
         raise QuantizeError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     base = {

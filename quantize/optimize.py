@@ -47,7 +47,7 @@ class OptimizeOptions:
     epochs: int = 1
     max_drop: float = 0.01
     target: str = "auto"
-    method: str = "minmax"
+    method: str = "auto"  # NNCF where the target takes it (quantize.int8.settings_for)
     report: Path = Path("optimize-report")
     calibration_limit: int = 256
     eval_limit: int = 600
@@ -74,10 +74,14 @@ def run_optimize(o: OptimizeOptions) -> str:
     original = copy.deepcopy(src.model).eval()
     # read the data first: a bad folder fails in seconds, not after pruning and conversion
     cal_set = open_set(o.calibration, role="calibration", count=o.calibration_limit)
-    if o.evaluation:
-        ev_set = open_set(o.evaluation, role="evaluation", count=o.eval_limit)
+    if o.evaluation == "natural":
+        ev_set = open_set("natural", role="selection", count=o.eval_limit)
+        ho_set = open_set("natural", role="held-out", count=o.eval_limit)
+    elif o.evaluation:
+        ev_set, ho_set = hold_out(open_set(o.evaluation, role="selection", count=o.eval_limit), every=2,
+                                  names=("selection", "held out"))
     else:
-        cal_set, ev_set = hold_out(cal_set)
+        cal_set, ev_set, ho_set = hold_out(cal_set, three=True)
     stages: dict[str, dict[str, object]] = {}
     prune_info = None
     model = src.model
@@ -94,7 +98,7 @@ def run_optimize(o: OptimizeOptions) -> str:
     )
     tgt = detect_target() if o.target == "auto" else o.target
     q = run_quantize(QuantizeJob(
-        source=fp32, repository=o.repository, name=o.name, calibration=cal_set, evaluation=ev_set,
+        source=fp32, repository=o.repository, name=o.name, calibration=cal_set, evaluation=ev_set, held_out=ho_set,
         settings=settings_for(tgt, o.method), max_drop=o.max_drop if ev_set is not None else None,
         measure_speed=False,
     ))
@@ -107,7 +111,9 @@ def run_optimize(o: OptimizeOptions) -> str:
         paths["pruned fp32" if prune_info else "fp32"] = fp32.model_path
         paths["int8"] = q.entry.model_path
         prep = Preprocessor(fp32.manifest.input, pre, draft=False)
-        x_ev = load_tensors(ev_set, prep) if ev_set is not None else None
+        # the report's accuracy columns: the held-out images, which the guard never saw
+        x_ev = load_tensors(ho_set, prep)
+        ev_set = ho_set
         x_cal = load_tensors(cal_set, prep)[:8] if x_ev is None else x_ev[:8]
         speed = compare_speed(paths, x_cal, batches=(1, 8), repeats=10, rounds=3)
         ref = None

@@ -1,4 +1,9 @@
-"""quantize = pre-process → calibrate → quantize → guard (keep sensitive nodes in float) → repository entry."""
+"""quantize = pre-process → calibrate → quantize → guard → held-out report → slim → speed guard → entry.
+
+Three image sets that share nothing: ``calibration`` fits the ranges, ``evaluation`` (the guard's selection
+set) decides what stays in float, ``held_out`` is only measured — its figure, with a bootstrap interval, is
+the one the manifest and the summary report (quantize/heldout.py).
+"""
 
 from __future__ import annotations
 
@@ -19,9 +24,11 @@ from service.repository import ModelEntry, write_version
 from .data import ImageSet, load_tensors, map_classes
 from .detect import DetectFidelity, check_quantizable, detect_fidelity, detector_float_nodes
 from .guard import Fidelity, candidate_nodes, fidelity, rank_sensitive
+from .heldout import HeldOut, held_out
 from .int8 import QuantizeError, Settings, calibrate, preprocess_model, quantize_with
-from .measure import compare_speed, predict, session
+from .measure import predict, session
 from .progress import bar
+from .slim import slim
 
 log = logging.getLogger("visionserve.quantize")
 
@@ -32,8 +39,9 @@ class QuantizeJob:
     repository: Path
     name: str
     calibration: ImageSet
-    evaluation: ImageSet | None
+    evaluation: ImageSet | None  # the guard's selection set
     settings: Settings
+    held_out: ImageSet | None = None  # measured only: the figure reported
     max_drop: float | None = 0.01
     max_excluded: float = 0.25  # share of the weighted nodes the guard may keep in float
     rank_by: str = "added"
@@ -45,6 +53,14 @@ class QuantizeJob:
     # detectors (manifest.task == "detect"): the guard's COCO json and its images folder; the drop is
     # then the absolute mAP@0.5 drop (0.01 = 1 point)
     detect_eval: tuple[Path, Path] | None = None
+    detect_held_out: tuple[Path, Path] | None = None
+    # the speed guard (quantize/speed.py): int8 under min_speedup × fp32 throughput at serving_batch is refused
+    min_speedup: float | None = 1.2
+    allow_slow: bool = False
+    serving_batch: int = 8
+    # calibration inputs made elsewhere (``--calibration synthetic``): used instead of ``calibration``'s images
+    calibration_tensors: np.ndarray | None = None
+    bias_correction: str = "fast"  # NNCF: fast, full or none (chosen on the selection set: docs/optimize.md)
 
 
 def show_drop(drop: float, kind: str) -> str:
@@ -70,6 +86,8 @@ class QuantizeResult:
     steps: list[GuardStep]
     speed: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    held_out: HeldOut | DetectFidelity | None = None
+    size: dict[str, object] = field(default_factory=dict)
 
 
 def _tensors(images: ImageSet, prep: Preprocessor, what: str) -> np.ndarray:
@@ -87,8 +105,10 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
     prep = Preprocessor(m.input, m.preprocess, draft=False)
     with tempfile.TemporaryDirectory(prefix="vs-quantize-") as tmp:
         work = Path(tmp)
-        cal = _tensors(job.calibration, prep, "calibration")
-        ev = _tensors(job.evaluation, prep, "evaluation") if job.evaluation is not None and not detect else None
+        cal = job.calibration_tensors if job.calibration_tensors is not None else _tensors(
+            job.calibration, prep, "calibration")
+        ev = _tensors(job.evaluation, prep, "selection") if job.evaluation is not None and not detect else None
+        ho = _tensors(job.held_out, prep, "held-out") if job.held_out is not None and not detect else None
         log.info("pre-processing the graph (quant_pre_process)")
         pre = preprocess_model(job.source.model_path, work / "pre.onnx")
         ref_map = None
@@ -105,8 +125,11 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
                 ref_map = evaluate_detection(job.source, coco, images_dir, threads=job.threads)
                 log.info("fp32: mAP@0.5 %.3f, mAP@[.5:.95] %.3f on %d images", ref_map["mAP@0.5"],
                          ref_map["mAP@[.5:.95]"], ref_map["images"])
-        with bar(f"calibrating ({job.settings.method})", len(cal)) as advance:
-            calib = calibrate(pre, cal, m.input.name, job.settings, work, progress=advance)
+        nncf = job.settings.method == "nncf"
+        calib = None
+        if not nncf:
+            with bar(f"calibrating ({job.settings.method})", len(cal)) as advance:
+                calib = calibrate(pre, cal, m.input.name, job.settings, work, progress=advance)
         targets = None
         ref = None
         if ev is not None:
@@ -116,9 +139,25 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
                 mapping = map_classes(job.evaluation, m, ref.shape[1])
                 targets = np.asarray([mapping[t] for t in job.evaluation.targets or []])
 
+        def build(excluded: list[str], path: Path) -> None:
+            raw = path.with_suffix(".raw.onnx")
+            if nncf:
+                from .nncf_ptq import nncf_quantize
+
+                log.info("quantizing with NNCF (MinMax ranges, %s bias correction), %d in float",
+                         job.bias_correction, len(excluded))
+                nncf_quantize(pre, raw, cal, m.input.name, ignored=tuple(excluded),
+                              bias_correction=job.bias_correction)
+            else:
+                assert calib is not None
+                quantize_with(pre, raw, replace(job.settings, nodes_to_exclude=tuple(excluded)), calib.cache)
+            slimmed[path] = slim(raw, path).as_dict()
+            raw.unlink()
+
+        slimmed: dict[Path, dict[str, int]] = {}
+
         def attempt(excluded: list[str], path: Path) -> Fidelity | DetectFidelity | None:
-            s = replace(job.settings, nodes_to_exclude=tuple(excluded))
-            quantize_with(pre, path, s, calib.cache)
+            build(excluded, path)
             if detect:
                 if ref_map is None or job.detect_eval is None:
                     return None
@@ -138,21 +177,69 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
             log.info("int8, everything quantized: %s; %s %s", first.summary(), first.drop_kind,
                      show_drop(first.drop, first.drop_kind))
         if first is not None and job.max_drop is not None and first.drop > job.max_drop:
-            final_path, final, excluded, steps = _fall_back(job, pre, first_path, first, cal, attempt, work,
-                                                               steps)
-        speed = _speed(job, first_path, final_path, cal) if job.measure_speed else {}
-        entry = _write(job, final_path, calib.images, final, first, excluded, steps, speed, started)
-    return QuantizeResult(entry, final, first, excluded, steps, speed, time.perf_counter() - started)
+            rank_on = first_path
+            if nncf:
+                # qdq_loss_debug pairs tensors by ONNX Runtime's QDQ names: rank on an ORT MinMax model instead
+                s_ort = replace(job.settings, method="minmax")
+                c = calibrate(pre, cal, m.input.name, s_ort, work)
+                rank_on = quantize_with(pre, work / "rank-ort.onnx", s_ort, c.cache)
+            final_path, final, excluded, steps = _fall_back(job, pre, rank_on, first, cal, attempt, work, steps)
+        report = _held_out(job, final_path, ho, targets_of(job.held_out, m, job.source.model_path))
+        size = {"fp32_bytes": job.source.model_path.stat().st_size, "int8_bytes": final_path.stat().st_size,
+                "slim": slimmed.get(final_path, {})}
+        size["ratio"] = round(int(size["int8_bytes"]) / int(size["fp32_bytes"]), 4)  # type: ignore[call-overload]
+        speed: dict[str, dict[str, float]] = {}
+        if job.measure_speed:
+            from . import speed as speed_guard
+
+            speed = speed_guard.measure(job.source.model_path, final_path, first_path, ev if ev is not None else cal,
+                                        job.serving_batch, job.threads)
+            if job.min_speedup is not None:
+                speed_guard.check(speed, job.min_speedup, job.allow_slow, job.settings.target)
+        entry = _write(job, final_path, len(cal), final, first, excluded, steps, speed, started, report, size)
+    return QuantizeResult(entry, final, first, excluded, steps, speed, time.perf_counter() - started, report, size)
 
 
-def _fall_back(job: QuantizeJob, pre: Path, first_path: Path, first: Fidelity | DetectFidelity, cal: np.ndarray,
+def targets_of(images: ImageSet | None, m: Manifest, model: Path) -> np.ndarray | None:
+    """The model class index of each labelled image (None for unlabelled sets)."""
+    if images is None or not images.labelled:
+        return None
+    n_out = session(model).get_outputs()[0].shape[-1]
+    mapping = map_classes(images, m, n_out if isinstance(n_out, int) else 10**9)
+    return np.asarray([mapping[t] for t in images.targets or []])
+
+
+def _held_out(job: QuantizeJob, model: Path, ho: np.ndarray | None, targets: np.ndarray | None
+              ) -> HeldOut | DetectFidelity | None:
+    """The reported figure: int8 against fp32 on the held-out set, which no decision above has seen."""
+    if job.detect_held_out is not None:
+        from .evaluate_detect import evaluate_detection
+        from .map_bootstrap import drop_ci
+
+        coco, images = job.detect_held_out
+        sinks: tuple[dict, dict] = ({}, {})
+        ref = evaluate_detection(job.source, coco, images, threads=job.threads, sink=sinks[0])
+        got = evaluate_detection(job.source, coco, images, onnx_path=model, threads=job.threads, sink=sinks[1])
+        ci = drop_ci(sinks[0]["coco_eval"], sinks[1]["coco_eval"]) if all(sinks) else None
+        result = detect_fidelity(ref, got, ci)
+    elif ho is not None and job.held_out is not None:
+        ref = predict(session(job.source.model_path, job.threads), ho)
+        result = held_out(ref, predict(session(model, job.threads), ho), targets, job.held_out.groups,
+                          job.held_out.source)
+    else:
+        return None
+    log.info("%s", result.summary())
+    return result
+
+
+def _fall_back(job: QuantizeJob, pre: Path, rank_on: Path, first: Fidelity | DetectFidelity, cal: np.ndarray,
                attempt, work: Path, steps: list[GuardStep]) -> tuple[Path, Fidelity, list[str], list[GuardStep]]:
     """Keep the most sensitive nodes in float, more and more, until the drop fits the budget."""
     assert job.max_drop is not None
     kind = first.drop_kind
     log.info("over budget (max drop %s): ranking nodes by the quantization error they add",
              show_drop(job.max_drop, kind))
-    ranking = rank_sensitive(pre, first_path, cal[:16], job.source.manifest.input.name, how=job.rank_by)
+    ranking = rank_sensitive(pre, rank_on, cal[:16], job.source.manifest.input.name, how=job.rank_by)
     fixed = list(job.settings.nodes_to_exclude)
     order = [n for n, _ in ranking if n not in fixed]
     limit = int(job.max_excluded * len(candidate_nodes(pre)))
@@ -191,26 +278,10 @@ def _fall_back(job: QuantizeJob, pre: Path, first_path: Path, first: Fidelity | 
     return best[0], best[1], best[2], steps
 
 
-def _speed(job: QuantizeJob, first: Path, final: Path, cal: np.ndarray) -> dict[str, dict[str, float]]:
-    paths = {"fp32": job.source.model_path, "int8": final}
-    if final != first:
-        paths["int8_all_quantized"] = first
-    res = compare_speed(paths, cal[:8], batches=(1, 8), repeats=10, rounds=3, threads=job.threads)
-    out: dict[str, dict[str, float]] = {}
-    for k, per in res.items():
-        out[k] = {f"b{b}_ms": lat.median_ms for b, lat in per.items()}
-        out[k]["b8_ips"] = round(per[8].throughput, 1)
-    out["ratio"] = {"int8_vs_fp32_b8": round(out["int8"]["b8_ips"] / out["fp32"]["b8_ips"], 3)}
-    if "int8_all_quantized" in out:
-        out["ratio"]["float_nodes_cost_b8"] = round(
-            out["int8"]["b8_ms"] / out["int8_all_quantized"]["b8_ms"], 3)
-    return out
-
-
 def _write(job: QuantizeJob, model: Path, n_cal: int, final: Fidelity | DetectFidelity | None,
            first: Fidelity | DetectFidelity | None,
-           excluded: list[str], steps: list[GuardStep], speed: dict[str, dict[str, float]], started: float
-           ) -> ModelEntry:
+           excluded: list[str], steps: list[GuardStep], speed: dict[str, dict[str, float]], started: float,
+           report: HeldOut | DetectFidelity | None, size: dict[str, object]) -> ModelEntry:
     import onnx
 
     src = job.source.manifest
@@ -218,8 +289,13 @@ def _write(job: QuantizeJob, model: Path, n_cal: int, final: Fidelity | DetectFi
                   if o.domain in ("", "ai.onnx")), None)
     notes: dict[str, object] = {
         "quantization": {**replace(job.settings, nodes_to_exclude=tuple(excluded)).as_notes(),
-                         "format": "QDQ", "pre_process": "quant_pre_process"},
+                         "format": "QDQ", "pre_process": "quant_pre_process",
+                         **({"engine": "nncf", "bias_correction": job.bias_correction}
+                            if job.settings.method == "nncf" else {"engine": "onnxruntime"})},
         "calibration": {"source": job.calibration.source, "images": n_cal},
+        "held_out": (report.as_dict() | ({"coco": str(job.detect_held_out[0])} if job.detect_held_out else {})
+                     if report is not None else None),
+        "size": size,
         "guard": {
             "evaluation": (job.evaluation.source if job.evaluation is not None else
                            f"{job.detect_eval[0]} (images {job.detect_eval[1]})" if job.detect_eval else None),
