@@ -20,6 +20,7 @@ from ..errors import VisionServeError
 from ..metrics import Metrics
 from ..registry import Registry
 from ..settings import Settings
+from ..tasks import routers as task_routers
 from . import native, oip
 from .common import error_response
 
@@ -65,6 +66,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(native.router)
     app.include_router(oip.router)
+    for router in task_routers():  # plug-in tasks: their native routes and what they bring
+        app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..dataplane import DATATYPES, Tensor, classification_strings
 from ..errors import BadTensor, Unavailable
+from ..tasks import get as get_task
 from .common import check_api_key, dataplane, deadline, read_body
 
 router = APIRouter(tags=["open inference protocol"])
@@ -226,6 +227,8 @@ def _response(req: dict[str, Any], wanted: list[dict[str, Any]], model: Any, nam
             if not isinstance(k, int) or k < 1 or model.manifest.task != "classify":
                 raise BadTensor("'classification' must be a positive integer on a classifier's output")
             arr = classification_strings(model, arr, k)
+        elif (task := get_task(model.manifest.task)) is not None:  # a plug-in task shapes its own outputs
+            arr = task.oip_output(model, spec["name"], arr, params)
         dtype = "BYTES" if arr.dtype == object else _datatype(arr)
         out: dict[str, Any] = {"name": spec["name"], "datatype": dtype, "shape": list(arr.shape)}
         if params.get("binary_data", binary_default):
