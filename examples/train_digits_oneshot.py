@@ -54,11 +54,12 @@ class OneShotNet(nn.Module):
         w = width
         self.features = nn.Sequential(*block(3, w, True), *block(w, 2 * w, True), *block(2 * w, 4 * w, True),
                                       *block(4 * w, 4 * w, False))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.project = nn.Linear(4 * w, dim)
+        # where a stroke is matters for a digit: keep the 4x4 layout (a global average pool threw it away, and
+        # one-shot accuracy on unseen digits with it: 49 %, below raw pixels' 74 %)
+        self.project = nn.Linear(4 * w * (SIZE // 8) ** 2, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.flatten(self.pool(self.features(x)), 1))
+        return self.project(torch.flatten(self.features(x), 1))
 
 
 def oneshot_net() -> OneShotNet:
@@ -118,7 +119,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: 
         opt.step()
         sched.step()
         if (step + 1) % 100 == 0:
-            print(f"step {step + 1}/{steps}: loss {float(loss):.4f}", flush=True)
+            print(f"step {step + 1}/{steps}: loss {loss.item():.4f}", flush=True)
 
 
 def one_shot_accuracy(emb: np.ndarray, y: np.ndarray, episodes: int, seed: int) -> tuple[float, float]:

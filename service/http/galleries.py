@@ -31,6 +31,7 @@ from .tasks import require_api_key, require_task
 router = APIRouter(tags=["galleries"], dependencies=[Depends(require_api_key)])
 
 REBUILD_CONCURRENCY = 16  # re-embedding requests in flight at once (the batcher's queue stays far from full)
+OFF_LOOP_ITEMS = 2048  # galleries larger than this are searched on a thread
 RETRIES = 5  # a write prepared against a state that changed meanwhile is prepared again
 
 
@@ -249,7 +250,9 @@ async def identify(request: Request, gallery: str,
         if len(found.items) and query.shape[0] != found.vectors.shape[1]:
             raise Conflict(f"the model's embedding has {query.shape[0]} dims, the gallery {found.vectors.shape[1]}")
         started = time.perf_counter()
-        matches = found.search(query, top_k)
+        # a large gallery's search (10 000 x 1280: a few ms) would stall every other request on the loop
+        matches = (found.search(query, top_k) if len(found.items) <= OFF_LOOP_ITEMS
+                   else await g.run(found.search, query, top_k))
         g.search_seconds.labels(gallery).observe(time.perf_counter() - started)
     best = matches[0] if matches else None
     label = best[0].label if best and (threshold is None or best[1] >= threshold) else None
