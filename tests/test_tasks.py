@@ -61,10 +61,11 @@ def test_convert_embed_cuts_pools_and_normalises_in_the_graph(tmp_path: Path) ->
     r = convert(tmp_path, "--name", "cut", "--embed-layer", "features.6", "--exporter", "legacy")
     assert r.returncode == 0, r.stdout + r.stderr
     m = Manifest.read(tmp_path / "cut" / "1")
-    assert m.task == "embed" and m.outputs[0].shape == [-1, 48]  # the 2nd block's 48 channels, pooled
+    assert m.task == "embed" and isinstance(m.postprocess, EmbedPostprocess) and m.postprocess.normalized
     assert m.provenance.parity is not None and m.provenance.parity.max_abs_error < 1e-3
     sess = ort.InferenceSession(str(tmp_path / "cut" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"input": np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)})[0]
+    assert out.shape == (3, 48)  # the 2nd block's 48 channels, average-pooled
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
