@@ -165,10 +165,20 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write-crops", type=Path, default=None,
+                    help="only write an ImageFolder of crops (one folder per photo) for `visionserve evaluate`")
     args = ap.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     imgs = photos()
+    if args.write_crops:
+        rng = np.random.default_rng(args.seed)
+        for name, img in imgs.items():
+            (args.write_crops / name).mkdir(parents=True, exist_ok=True)
+            for i in range(args.per_photo + 1):
+                (args.write_crops / name / f"{i:02d}.jpg").write_bytes(crop(img, rng))
+        print(f"wrote {len(imgs)} x {args.per_photo + 1} crops to {args.write_crops}")
+        return
     url, proc = start(args.repository, data)
     try:
         acc, n = one_shot(url, imgs, args.per_photo, args.seed)
