@@ -91,6 +91,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
+        print(f"{n:,} items: building indexes", flush=True)
         vectors = unit(n, args.dim, rng)
         queries = unit(args.queries, args.dim, rng)
         found = indexes(vectors)
@@ -108,6 +109,7 @@ def main() -> None:
             ts = sorted(times[name])
             rows.append((n, name, build_s, statistics.median(ts) * 1e3, ts[int(0.9 * len(ts))] * 1e3,
                          hits[name] / (args.k * len(queries))))
+            print(f"  {n:,} items, {name}: {rows[-1][3]:.3f} ms median, recall {rows[-1][5]:.3f}", flush=True)
         del found, vectors
     print(f"\n{args.queries} queries, dim {args.dim}, top-{args.k}, one query at a time on one thread\n")
     print(f"| items | method | build s | median ms | p90 ms | recall@{args.k} |")
