@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import __version__
-from .errors import BadTensor, DeadlineExceeded, InvalidParameter, VisionServeError
+from .errors import BadTensor, DeadlineExceeded, InvalidParameter, Unavailable, VisionServeError
 from .imaging import Geometry
 from .metrics import Metrics
 from .postprocess import top_k
@@ -47,6 +47,7 @@ class DataPlane:
         self.metrics = metrics
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads or settings.usable_cpus(),
                                                thread_name_prefix="decode")
+        self._admitted: dict[tuple[str, str], int] = {}  # requests per model version, arrival to answer
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=True)
@@ -55,10 +56,23 @@ class DataPlane:
     def model(self, name: str, version: str | None = None) -> LoadedModel:
         return self.registry.get(name, version)
 
+    @staticmethod
+    def max_inflight(model: LoadedModel) -> int:
+        """Admission bound (see ``ModelSettings.max_inflight``): by default the queue plus what the workers hold."""
+        return model.config.max_inflight or model.config.max_queue + len(model.runners) * model.plan.batch
+
     @asynccontextmanager
     async def track(self, model: LoadedModel, endpoint: str) -> AsyncIterator[None]:
-        """Count, time and label one request by outcome."""
+        """Admit one request at the door, then count, time and label it by outcome.
+
+        Routes enter this before reading the body: a request over the model's ``max_inflight`` costs no body
+        read and no decode, and its 503 leaves at once."""
         labels = (model.name, model.version)
+        admitted = self._admitted.get(labels, 0)
+        if admitted >= self.max_inflight(model):
+            self.metrics.requests.labels(*labels, endpoint, "unavailable").inc()
+            raise Unavailable(f"model {model.name} is overloaded: {admitted} requests in flight; retry shortly")
+        self._admitted[labels] = admitted + 1
         inflight = self.metrics.inflight.labels(*labels)
         inflight.inc()
         started = time.perf_counter()
@@ -75,6 +89,7 @@ class DataPlane:
             outcome = "error"
             raise
         finally:
+            self._admitted[labels] -= 1
             inflight.dec()
             self.metrics.request_duration.labels(*labels, endpoint).observe(time.perf_counter() - started)
             self.metrics.requests.labels(*labels, endpoint, outcome).inc()

@@ -35,6 +35,13 @@ _RESAMPLE = {
 }
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# The memory a decode may take, from the header, before anything is decoded: ``max_pixels`` pixels of up to
+# this many bytes each (200 MB at the default). Pillow holds RGB, RGBA, LA, I and F at 4 bytes a pixel; a
+# palette image becomes RGB (+4) and a 16-bit one 8-bit grey via a copy (+3) before it can be reduced; and
+# Pillow decodes WebP through an RGBA frame buffer and copies (measured 15.5 bytes a pixel).
+DECODE_BYTES_PER_PIXEL = 5
+_MODE_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 5, "PA": 8, "I;16": 5, "I;16L": 5, "I;16B": 5, "I;16N": 5}
+_FORMAT_BYTES_PER_PIXEL = {"WEBP": 16}
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose does)
 _ORIENT = {
@@ -82,6 +89,12 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         raise BadImage(f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    per_pixel = max(_FORMAT_BYTES_PER_PIXEL.get(img.format or "", 0), _MODE_BYTES_PER_PIXEL.get(img.mode, 4))
+    if w * h * per_pixel > max_pixels * DECODE_BYTES_PER_PIXEL:
+        raise PayloadTooLarge(
+            f"a {w}x{h} {img.format} image in mode {img.mode} takes about {w * h * per_pixel >> 20} MiB to decode; "
+            f"the limit is {max_pixels * DECODE_BYTES_PER_PIXEL >> 20} MiB ({DECODE_BYTES_PER_PIXEL} bytes for "
+            f"each of max_pixels {max_pixels})")
     return img
 
 
@@ -101,9 +114,12 @@ def decode(
     try:
         if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
             full_w, full_h = full_h, full_w
+        swap = (full_w, full_h) != img.size
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", draft_size)
         img.load()
+        if draft_size is not None and img.format != "JPEG":
+            img = _shrink(img, draft_size[::-1] if swap else draft_size)
         img = ImageOps.exif_transpose(img) or img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
         raise BadImage(f"cannot decode image: {e}") from None
@@ -121,16 +137,67 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        a = np.asarray(img)
-        if img.mode.startswith("I;16"):
-            a8 = (a.astype(np.uint32) + 128) // 257
-        elif img.mode == "I":
-            a8 = (a.astype(np.int64) + 128) // 257 if a.max(initial=0) > 255 else a
-        else:
-            a8 = a * 255.0 if a.size and np.nanmin(a) >= 0 and np.nanmax(a) <= 1.0 else a
-            a8 = np.nan_to_num(a8)
-        return Image.fromarray(np.clip(a8, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return _grey_to_8bit(img).convert("RGB")
     return img.convert("RGB")
+
+
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float grey to 8-bit ``L``, a band of rows at a time: converting a 40 MP image in
+    one go made four full-size temporaries (+420 MB for a 92 kB 16-bit PNG)."""
+    w, h = img.size
+    rows = max(1, (1 << 20) // w)  # about a million pixels a band
+    bands = [(r, min(h, r + rows)) for r in range(0, h, rows)]
+
+    def band(r0: int, r1: int) -> np.ndarray:
+        return np.asarray(img.crop((0, r0, w, r1)))
+
+    if img.mode.startswith("I;16"):
+        def to8(x: np.ndarray) -> np.ndarray:
+            return (x.astype(np.uint32) + 128) // 257
+    elif img.mode == "I":
+        wide = any(int(band(*b).max(initial=0)) > 255 for b in bands)
+
+        def to8(x: np.ndarray) -> np.ndarray:
+            return np.clip((x.astype(np.int64) + 128) // 257 if wide else x, 0, 255)
+    else:  # F: read as 0..1 when it lies in it, else as 0..255
+        lo, hi = np.inf, -np.inf
+        for b in bands:
+            x = band(*b)
+            lo, hi = min(lo, float(np.nanmin(x, initial=np.inf))), max(hi, float(np.nanmax(x, initial=-np.inf)))
+        unit = lo >= 0 and hi <= 1.0
+
+        def to8(x: np.ndarray) -> np.ndarray:
+            return np.clip(np.nan_to_num(x * 255.0 if unit else x), 0, 255)
+    out = np.empty((h, w), dtype=np.uint8)
+    for r0, r1 in bands:
+        out[r0:r1] = to8(band(r0, r1))
+    return Image.fromarray(out, "L")
+
+
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "I", "F", "CMYK", "YCbCr"})
+
+
+def _shrink(img: Image.Image, min_size: tuple[int, int]) -> Image.Image:
+    """Reduce a large decoded (non-JPEG) image by an integer factor, box-averaged in its own mode, while
+    both sides stay at least ``min_size``: what JPEG's DCT scaling does for JPEGs. Later steps (mode
+    conversion, resize) then work on the small image, and the full-size decode is freed at once."""
+    k = min(img.width // max(1, min_size[0]), img.height // max(1, min_size[1]))
+    if k < 2:
+        return img
+    if img.mode.startswith("I;16"):
+        img = _grey_to_8bit(img)
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode not in _REDUCIBLE:  # P, PA…: palette indices cannot be averaged; alpha is dropped later
+        img = img.convert("RGB")
+    if img.mode in ("RGBA", "LA"):
+        # Pillow's reduce() premultiplies alpha on a full-size copy (+150 MB at 40 MP). Alpha is dropped when
+        # the image becomes RGB, so averaging the raw channels is what the unreduced path computes anyway.
+        try:
+            return img._new(img.im.reduce((k, k), (0, 0, *img.size)))
+        except (AttributeError, TypeError):  # a Pillow without this core call
+            img = img.convert("RGB")
+    return img.reduce(k)
 
 
 class Preprocessor:

@@ -203,12 +203,12 @@ class Registry:
         if version is None:
             versions = self.versions(name)
             if not versions:
-                raise ModelNotFound(f"unknown model {name!r}; available: {sorted(self.names())}")
+                raise ModelNotFound(f"unknown model {name!r} (GET /v1/models lists the models)")
             version = versions[-1]
         model = self._models.get((name, version))
         if model is None:
             if not self.versions(name):
-                raise ModelNotFound(f"unknown model {name!r}; available: {sorted(self.names())}")
+                raise ModelNotFound(f"unknown model {name!r} (GET /v1/models lists the models)")
             raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {self.versions(name)}")
         return model
 

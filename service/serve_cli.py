@@ -52,12 +52,24 @@ def serve(
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from .http.app import create_app
-    from .http.server import GracefulServer
+    from .http.connections import Limits, guarded_protocol
+    from .http.server import DRAIN_INCOMPLETE, GracefulServer, raise_open_file_limit
 
+    # each connection holds a file; keep room for models, logs and the listener
+    files = raise_open_file_limit(settings.max_connections + 256)
+    max_connections = min(settings.max_connections, max(1, files - 256))
+    if max_connections < settings.max_connections:
+        logging.getLogger("visionserve").warning(
+            "max_connections lowered to %d: the open-file limit is %d", max_connections, files)
+    limits = Limits(max_connections=max_connections, header_timeout_s=settings.header_timeout_s,
+                    body_timeout_s=settings.body_timeout_s,
+                    max_header_bytes=settings.max_header_bytes, drain_idle_close_s=settings.drain_idle_close_s)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.graceful_timeout_s or None, access_log=False)
-    server = GracefulServer(config)
+                            http=guarded_protocol(limits), timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
+                            timeout_graceful_shutdown=settings.graceful_timeout_s or None, access_log=False,
+                            backlog=max(2048, max_connections))
+    server = GracefulServer(config, on_drain=app.state.start_draining)
     server.run()
     registry = getattr(app.state, "registry", None)
     if registry is not None and registry.loading_thread_alive():
@@ -65,7 +77,9 @@ def serve(
         # every accepted request has been answered, so leave now rather than wait for it.
         logging.getLogger("visionserve").info("exiting while a model session is still being created")
         logging.shutdown()
-        os._exit(0)
+        os._exit(0 if server.drain_complete else DRAIN_INCOMPLETE)
     if not server.started:
         raise typer.Exit(1)
+    if not server.drain_complete:
+        raise typer.Exit(DRAIN_INCOMPLETE)
 

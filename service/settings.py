@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .cpus import available_cpus
@@ -40,7 +40,15 @@ class ModelSettings(BaseModel):
     """Threads of an extra session that runs a lone request (every worker idle, nothing queued) on every
     core. Default: the usable CPUs on the CPU provider (0 where there is one), 0 on a GPU. 0: no solo session."""
     max_queue: int = Field(default=256, ge=1)
-    """Requests waiting beyond this are refused at once with 503 + Retry-After."""
+    """Items (images) waiting in the batcher beyond this are refused at once with 503 + Retry-After."""
+    max_inflight: int | None = Field(default=None, ge=1)
+    """Admission control at the door: requests for this model admitted and not yet answered (reading their
+    body, decoding, queued or running). One more is refused with 503 + Retry-After when it arrives, before
+    its body is read or its image decoded. Default: ``max_queue`` plus what the workers hold (instances x
+    the batch they form), so a native request is refused here, cheaply, before the batcher's queue could be
+    full; the queue bound then only catches Open Inference Protocol requests that carry many images each.
+    Lower it to bound latency under overload: the worst queueing delay is about ``max_inflight`` divided
+    by the model's throughput."""
     providers: list[Provider] = Field(
         default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     )
@@ -74,7 +82,25 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: SecretStr | None = None
-    """When set, inference endpoints need header ``X-API-Key`` (or ``Authorization: Bearer``)."""
+    """When set, every model and metadata endpoint needs header ``X-API-Key`` (or ``Authorization:
+    Bearer``); health checks, ``/docs`` and (unless ``protect_metrics``) ``/metrics`` stay open."""
+    api_key_file: Path | None = None
+    """A file holding the API key (a Kubernetes secret mount); read at start, surrounding whitespace
+    dropped. Used when ``api_key`` is unset."""
+    protect_metrics: bool = False
+    """Put ``/metrics`` behind the API key too (Prometheus then needs the key as a bearer token)."""
+    max_connections: int = Field(default=1000, ge=1)
+    """Open connections beyond this are answered 503 (JSON) and closed at once. The server also raises its
+    open-file limit to what this needs, and keeps this under that limit."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """Longest a client may take to send a request's headers, counted from the connection or the request's
+    first byte; a client that takes longer gets 408 and the connection is closed (slow-header attacks)."""
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    """Request line plus headers beyond this get 431 and the connection is closed."""
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest a client may take to send a request's body, counted from its headers; then 408."""
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    """An idle keep-alive connection is closed after this."""
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(default=40_000_000, ge=1024)
     """Decoded image size limit (decompression bombs get 413)."""
@@ -92,6 +118,10 @@ class Settings(BaseSettings):
     max_top_k: int = Field(default=1000, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_timeout_s: float = Field(default=30.0, ge=0)
+    """Longest drain on SIGTERM. What is still unanswered then gets a JSON 503, and the exit status is 3."""
+    drain_idle_close_s: float = Field(default=1.0, ge=0)
+    """On SIGTERM, idle keep-alive connections stay open this long; a request that arrives on one meanwhile
+    is answered (with ``Connection: close``) instead of meeting a closed socket (a TCP reset)."""
     defaults: ModelSettings = Field(default_factory=ModelSettings)
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-model overrides of ``defaults``, by model name."""
@@ -105,6 +135,18 @@ class Settings(BaseSettings):
             except Exception as e:
                 raise ValueError(f"models.{name}: {e}") from None
         return v
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> Settings:
+        if self.api_key is None and self.api_key_file is not None:
+            try:
+                key = self.api_key_file.read_text().strip()
+            except OSError as e:
+                raise ValueError(f"api_key_file: cannot read {self.api_key_file}: {e.strerror}") from None
+            if not key:
+                raise ValueError(f"api_key_file: {self.api_key_file} is empty")
+            self.api_key = SecretStr(key)
+        return self
 
     def usable_cpus(self) -> int:
         return self.cpus or available_cpus()

@@ -12,60 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from service.manifest import (
-    ClassifyPostprocess,
-    InputSpec,
-    Manifest,
-    Preprocess,
-    Provenance,
-    TensorSpec,
-    sha256_file,
-)
-from service.repository import write_version
 from tests.conftest import ROOT, free_port
+from tests.onnx_builders import write_conv_stack
 
 SIZE, WIDTH, DEPTH = 192, 64, 40
 
 
-def slow_model(path: Path) -> None:
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.05, (WIDTH, 3, 3, 3)).astype(np.float32), "w0")]
-    nodes = [helper.make_node("Conv", ["input", "w0"], ["h0"], pads=[1, 1, 1, 1])]
-    for i in range(1, DEPTH + 1):
-        inits.append(numpy_helper.from_array(rng.normal(0, 0.05, (WIDTH, WIDTH, 3, 3)).astype(np.float32), f"w{i}"))
-        nodes.append(helper.make_node("Conv", [f"h{i - 1}", f"w{i}"], [f"h{i}"], pads=[1, 1, 1, 1]))
-    nodes += [helper.make_node("GlobalAveragePool", [f"h{DEPTH}"], ["pooled"]),
-              helper.make_node("Flatten", ["pooled"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "slow", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", WIDTH])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, path)
-
-
 @pytest.fixture(scope="module")
 def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("slow_repo")
-
-    def build(staging: Path, version: str) -> Manifest:
-        path = staging / "model.onnx"
-        slow_model(path)
-        return Manifest(
-            name="slow", version=version, task="classify",
-            input=InputSpec(name="input", shape=[-1, 3, SIZE, SIZE]),
-            outputs=[TensorSpec(name="logits", shape=[-1, WIDTH])],
-            preprocess=Preprocess(), postprocess=ClassifyPostprocess(output="logits"),
-            labels=[str(i) for i in range(WIDTH)], max_batch_size=16,
-            provenance=Provenance(source="tests/test_startup_signal.py", onnx_sha256=sha256_file(path)),
-        )
-
-    write_version(repo, "slow", "1", build)
-    return repo
+    return write_conv_stack(tmp_path_factory.mktemp("slow_repo"), "slow", size=SIZE, width=WIDTH, depth=DEPTH)
 
 
 def start(repo: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,6 +23,7 @@ from ..registry import Registry
 from ..settings import Settings
 from ..tasks import routers as task_routers
 from . import native, oip
+from .auth import ApiKeyMiddleware
 from .common import error_response
 
 log = logging.getLogger("visionserve")
@@ -57,13 +59,22 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
             app.state.dataplane.close()
             log.info("stopped")
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from the package, not a CDN: /docs works on an air-gapped edge box
+    app = FastAPIOffline(
         title="visionserve", version=__version__, lifespan=lifespan,
         description="Image classification and detection with dynamic batching on ONNX Runtime. Native API "
                     "and the Open Inference Protocol (KServe v2).",
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.draining = False
+
+    def start_draining() -> None:
+        """SIGTERM: readiness answers 503 from now on (the server then stops accepting and drains)."""
+        app.state.draining = True
+
+    app.state.start_draining = start_draining
+    app.add_middleware(ApiKeyMiddleware, settings=settings)
     app.include_router(native.router)
     app.include_router(oip.router)
     for router in task_routers():  # plug-in tasks: their native routes and what they bring

@@ -1,15 +1,16 @@
-"""What every route needs: body reading with a size limit, API key, deadlines, error responses."""
+"""What every route needs: body reading with a size limit, deadlines, error responses (the API key is
+checked in front of every route: ``auth.ApiKeyMiddleware``)."""
 
 from __future__ import annotations
 
-import hmac
 import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from ..dataplane import DataPlane
-from ..errors import InvalidParameter, PayloadTooLarge, Unauthorized, VisionServeError
+from ..errors import BadRequest, InvalidParameter, PayloadTooLarge, VisionServeError
 
 
 def dataplane(request: Request) -> DataPlane:
@@ -32,27 +33,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"body of {n} bytes exceeds the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or cut off by the body timeout: nobody reads this answer
+        raise BadRequest("the client disconnected before sending the whole body") from None
     return b"".join(chunks)
-
-
-def check_api_key(request: Request) -> None:
-    key = request.app.state.settings.api_key
-    if key is None:
-        return
-    given = request.headers.get("x-api-key")
-    if given is None:
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-    if not given:
-        raise Unauthorized("missing API key: send header X-API-Key (or Authorization: Bearer)")
-    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise Unauthorized("wrong API key")
 
 
 def deadline(request: Request) -> float | None:

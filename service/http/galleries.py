@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Gauge, Histogram
 
@@ -26,9 +26,9 @@ from ..registry import LoadedModel
 from ..tasks.embed import embedding_of
 from .common import dataplane, deadline
 from .native import _BODY, image_from_request
-from .tasks import require_api_key, require_task
+from .tasks import require_task
 
-router = APIRouter(tags=["galleries"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["galleries"])  # the API key: auth.ApiKeyMiddleware, in front of every route
 
 REBUILD_CONCURRENCY = 16  # re-embedding requests in flight at once (the batcher's queue stays far from full)
 OFF_LOOP_ITEMS = 2048  # galleries larger than this are searched on a thread

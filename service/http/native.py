@@ -11,7 +11,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..errors import BadRequest, UnsupportedMedia
-from .common import check_api_key, dataplane, deadline, read_body
+from .common import dataplane, deadline, read_body
 
 router = APIRouter(tags=["native"])
 
@@ -64,7 +64,6 @@ async def list_models(request: Request) -> dict[str, Any]:
              include_in_schema=False)
 async def classify(request: Request, model: str, version: str | None = None,
                    top_k: int = Query(5, description="how many classes to return")) -> Response:
-    check_api_key(request)
     dp = dataplane(request)
     m = dp.model(model, version)
     due = deadline(request)
@@ -81,7 +80,6 @@ async def detect(request: Request, model: str, version: str | None = None,
                  score_threshold: float = Query(0.25), iou_threshold: float = Query(0.45),
                  max_detections: int = Query(100),
                  annotate: bool = Query(False, description="return the image with boxes drawn (PNG)")) -> Any:
-    check_api_key(request)
     dp = dataplane(request)
     m = dp.model(model, version)
     due = deadline(request)

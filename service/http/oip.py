@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import reprlib
 import struct
 from typing import Any
 
@@ -18,11 +20,12 @@ from fastapi.responses import JSONResponse, Response
 from ..dataplane import DATATYPES, Tensor, classification_strings
 from ..errors import BadTensor, Unavailable
 from ..tasks import get as get_task
-from .common import check_api_key, dataplane, deadline, read_body
+from .common import dataplane, deadline, read_body
 
 router = APIRouter(tags=["open inference protocol"])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_RANK = 8
 
 
 @router.get("/v2", summary="Server metadata")
@@ -38,6 +41,8 @@ async def live() -> dict[str, Any]:
 @router.get("/v2/health/ready", summary="Readiness: every model loaded and warmed up")
 async def ready(request: Request) -> Any:
     dp = dataplane(request)
+    if request.app.state.draining:
+        raise Unavailable("the server is shutting down", retry_after_s=1)
     if not dp.registry.ready:
         raise Unavailable(dp.registry.error or "models are still loading", retry_after_s=2)
     return {"ready": True}
@@ -70,7 +75,6 @@ async def model_config(request: Request, model: str, version: str | None = None)
 @router.post("/v2/models/{model}/infer", summary="Inference with JSON or binary tensors")
 @router.post("/v2/models/{model}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, model: str, version: str | None = None) -> Response:
-    check_api_key(request)
     dp = dataplane(request)
     m = dp.model(model, version)
     due = deadline(request)
@@ -78,7 +82,7 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
         body = await read_body(request, dp.settings.max_body_bytes)
         header, binary = _split(body, request.headers.get(HEADER_LENGTH))
         req = _json(header)
-        inputs = _inputs(req, binary)
+        inputs = _inputs(req, binary, dp.settings.max_body_bytes)
         wanted = _requested(req, m.runners[0].output_names)  # refuse a bad request before running it
         names, outputs = await dp.infer(m, inputs, due)
         return _response(req, wanted, m, names, outputs)
@@ -100,14 +104,20 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 def _json(header: bytes) -> dict[str, Any]:
     try:
         req = json.loads(header)
+    except RecursionError:  # a depth bomb: json's C parser counts its depth and stops cleanly
+        raise BadTensor("request JSON is nested too deep") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadTensor(f"request is not valid JSON: {e}") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise BadTensor("request must be a JSON object with a non-empty 'inputs' list")
+    if "id" in req and not isinstance(req["id"], str):
+        raise BadTensor("'id' must be a string")
     return req
 
 
-def _inputs(req: dict[str, Any], binary: bytes) -> list[Tensor]:
+def _inputs(req: dict[str, Any], binary: bytes, budget: int) -> list[Tensor]:
+    """The request's tensors, each checked against its shape; ``budget`` bounds any tensor's element count
+    (no element takes less than a byte of the body, so nothing honest is larger than the body limit)."""
     tensors, offset = [], 0
     for i, raw in enumerate(req["inputs"]):
         if not isinstance(raw, dict):
@@ -115,10 +125,13 @@ def _inputs(req: dict[str, Any], binary: bytes) -> list[Tensor]:
         name, dtype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
         if not isinstance(name, str) or not isinstance(dtype, str):
             raise BadTensor(f"inputs[{i}] needs a string 'name' and 'datatype'")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                   for d in shape)):
-            raise BadTensor(f"input {name!r}: 'shape' must be a list of non-negative integers")
-        count = int(np.prod(shape)) if shape else 1
+        if (not isinstance(shape, list) or len(shape) > MAX_RANK
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise BadTensor(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} non-negative integers")
+        count = math.prod(shape)  # exact: a numpy product of [2**62, 4] would wrap around
+        if count > budget:
+            raise BadTensor(f"input {name!r}: shape {shape} holds {count} elements; the body limit allows "
+                            f"at most {budget}")
         params = raw.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -169,6 +182,8 @@ def _from_json(name: str, dtype: str, data: Any, count: int) -> np.ndarray | lis
     np_type = _dtype(name, dtype)
     try:
         arr = np.asarray(data, dtype=np_type).reshape(-1)
+    except OverflowError:
+        raise BadTensor(f"input {name!r}: a value is out of range for {dtype}") from None
     except (ValueError, TypeError):
         raise BadTensor(f"input {name!r}: data is not a list of {dtype} numbers") from None
     if arr.size != count:
@@ -177,9 +192,18 @@ def _from_json(name: str, dtype: str, data: Any, count: int) -> np.ndarray | lis
 
 
 def _flatten(data: Any) -> list[Any]:
-    if isinstance(data, list):
-        return [y for x in data for y in _flatten(x)]
-    return [data]
+    """Nested lists to a flat list, without recursion (the JSON depth is bounded before parsing anyway)."""
+    flat, stack = [], [iter([data])]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
+            flat.append(x)
+        else:
+            stack.pop()
+    return flat
+
 
 
 def _b64(name: str, x: Any) -> bytes:
@@ -207,7 +231,7 @@ def _requested(req: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
         raise BadTensor("'outputs' must be a list")
     for i, spec in enumerate(wanted):
         if not isinstance(spec, dict) or spec.get("name") not in names:
-            raise BadTensor(f"outputs[{i}]: unknown output {spec!r}; this model has {names}")
+            raise BadTensor(f"outputs[{i}]: unknown output {reprlib.repr(spec)}; this model has {names}")
         if not isinstance(spec.get("parameters") or {}, dict):
             raise BadTensor(f"outputs[{i}]: 'parameters' must be an object")
     return wanted

@@ -1,28 +1,23 @@
 """The native route of a plug-in task, written once: ``POST /v1/models/{model}[/versions/{v}]/<route>``.
 
-Every task route does the same steps — API key (a router dependency, so no route can forget it), model
-lookup, task check, parameter check, deadline, metrics, body, batched inference — and differs only in
-``Task.params`` (its query parameters, validated by FastAPI: 422 on a bad one) and ``Task.answer``.
+Every task route does the same steps — model lookup, task check, parameter check, deadline, metrics, body,
+batched inference (the API key is checked in front of every route: ``auth.ApiKeyMiddleware``) — and differs
+only in ``Task.params`` (its query parameters, validated by FastAPI: 422 on a bad one) and ``Task.answer``.
 (No ``from __future__ import annotations`` here: the handler's annotations name the task's own classes,
 which FastAPI must see as objects.)
 """
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from ..dataplane import DataPlane
 from ..errors import InvalidParameter
 from ..registry import LoadedModel
 from ..tasks.base import Task
-from .common import check_api_key, dataplane, deadline
+from .common import dataplane, deadline
 from .native import _BODY, image_from_request
-
-
-def require_api_key(request: Request) -> None:
-    """Router dependency: the API key, when one is set."""
-    check_api_key(request)
 
 
 def require_task(model: LoadedModel, task: str) -> None:
@@ -41,7 +36,7 @@ async def run_task(dp: DataPlane, task: Task, m: LoadedModel, data: bytes, param
 
 def task_router(task: Task) -> APIRouter:
     """The native route of ``task``."""
-    router = APIRouter(tags=[task.name], dependencies=[Depends(require_api_key)])
+    router = APIRouter(tags=[task.name])
 
     async def handle(request: Request, model: str, params: Annotated[task.params, Query()],  # type: ignore[name-defined]
                      version: str | None = None) -> JSONResponse:
