@@ -195,3 +195,19 @@ def test_galleries_survive_a_restart(repo: Path, tmp_path: Path) -> None:
         assert after == before
     finally:
         stop_server(s)
+
+
+def test_the_api_key_guards_embed_and_galleries(repo: Path, tmp_path: Path) -> None:
+    s = start_server(repo, tmp_path, env={"VISIONSERVE_API_KEY": "sesame",
+                                          "VISIONSERVE_DATA_DIR": str(tmp_path / "data")})
+    try:
+        img = unseen(5)[0]
+        assert post(f"{s.url}/v1/models/{MODEL}/embed", img).status_code == 401
+        assert put(s, "locked", "x", img, model=MODEL).status_code == 401
+        assert httpx.get(f"{s.url}/v1/galleries").status_code == 401
+        r = httpx.put(f"{s.url}/v1/galleries/locked/items/x", content=img, params={"model": MODEL},
+                      headers={"Content-Type": "image/png", "X-API-Key": "sesame"})
+        assert r.status_code == 201
+        assert httpx.get(f"{s.url}/v1/galleries", headers={"X-API-Key": "sesame"}).json()["galleries"][0]["items"] == 1
+    finally:
+        stop_server(s)
