@@ -9,10 +9,13 @@ from __future__ import annotations
 import base64
 import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, Server, start_server, stop_server
 
@@ -211,3 +214,30 @@ def test_the_api_key_guards_embed_and_galleries(repo: Path, tmp_path: Path) -> N
         assert httpx.get(f"{s.url}/v1/galleries", headers={"X-API-Key": "sesame"}).json()["galleries"][0]["items"] == 1
     finally:
         stop_server(s)
+
+
+names = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=12)
+values = st.one_of(st.none(), st.text(max_size=8), st.integers(-10**9, 10**9).map(str),
+                   st.sampled_from(["nan", "inf", "-inf", "1e309", "0", "0.5", "-1", "3"]))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(gallery=names, item=names, model=values, label=values, top_k=values, threshold=values,
+       body=st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])))
+def test_gallery_routes_never_answer_5xx(srv: Server, gallery: str, item: str, model: str | None,
+                                         label: str | None, top_k: str | None, threshold: str | None,
+                                         body: bytes) -> None:
+    g, i = quote(gallery, safe=""), quote(item, safe="")
+    with httpx.Client(base_url=srv.url, timeout=30, headers={"Content-Type": "image/png"}) as c:
+        answers = [
+            c.put(f"/v1/galleries/{g}/items/{i}", content=body,
+                  params={k: v for k, v in {"model": model, "label": label}.items() if v is not None}),
+            c.post(f"/v1/galleries/{g}/identify", content=body,
+                   params={k: v for k, v in {"top_k": top_k, "threshold": threshold}.items() if v is not None}),
+            c.get(f"/v1/galleries/{g}"),
+            c.delete(f"/v1/galleries/{g}/items/{i}"),
+            c.post(f"/v1/models/{g}/embed", content=body),
+        ]
+    for r in answers:
+        assert r.status_code < 500, (r.request.url, r.status_code, r.text)
+        assert r.status_code < 400 or "error" in r.json()
