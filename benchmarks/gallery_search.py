@@ -37,11 +37,13 @@ def brute(vectors: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
     return search
 
 
-def indexes(vectors: np.ndarray) -> dict[str, tuple[float, Callable[[np.ndarray, int], np.ndarray]]]:
+def indexes(vectors: np.ndarray, use: set[str]) -> dict[str, tuple[float, Callable[[np.ndarray, int], np.ndarray]]]:
     """name → (build seconds, search function)."""
     out: dict[str, tuple[float, Callable[[np.ndarray, int], np.ndarray]]] = {"numpy brute force": (0.0, brute(vectors))}
     dim = vectors.shape[1]
     try:
+        if "faiss" not in use:
+            raise ImportError
         import faiss
 
         faiss.omp_set_num_threads(1)  # one query at a time, as a request is served; no thread fan-out
@@ -56,8 +58,10 @@ def indexes(vectors: np.ndarray) -> dict[str, tuple[float, Callable[[np.ndarray,
         sq8.add(vectors)
         out["faiss SQ8 flat (int8 codes)"] = (time.perf_counter() - t, lambda q, k: sq8.search(q[None], k)[1][0])
     except ImportError:
-        print("faiss not installed: skipped")
+        print("faiss not installed or not asked for: skipped")
     try:
+        if "hnswlib" not in use:
+            raise ImportError
         import hnswlib
 
         t = time.perf_counter()
@@ -77,7 +81,7 @@ def indexes(vectors: np.ndarray) -> dict[str, tuple[float, Callable[[np.ndarray,
         out["hnswlib M16 ef64"] = (build, hnsw(64))
         out["hnswlib M16 ef400"] = (build, hnsw(400))
     except ImportError:
-        print("hnswlib not installed: skipped")
+        print("hnswlib not installed or not asked for: skipped")
     return out
 
 
@@ -87,6 +91,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--use", default="faiss,hnswlib", help="which ANN libraries to measure (run them apart "
+                    "if loading both in one process misbehaves)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -94,7 +100,7 @@ def main() -> None:
         print(f"{n:,} items: building indexes", flush=True)
         vectors = unit(n, args.dim, rng)
         queries = unit(args.queries, args.dim, rng)
-        found = indexes(vectors)
+        found = indexes(vectors, set(args.use.split(",")))
         exact = brute(vectors)
         truth = [set(exact(q, args.k).tolist()) for q in queries]
         times: dict[str, list[float]] = {name: [] for name in found}
