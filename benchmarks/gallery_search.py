@@ -5,9 +5,9 @@
 For each gallery size: numpy brute force (one matrix-vector product per query, as ``Gallery.search``),
 FAISS ``IndexFlatIP`` (exact, BLAS), FAISS ``IndexScalarQuantizer`` 8-bit (a brute force over int8 codes, a
 quarter of the memory traffic) and hnswlib HNSW at two search widths (approximate) where installed
-(``pip install faiss-cpu hnswlib``: an optional extra, not in the serve image). Reports the build time, the
-median and p90 latency of one query, and recall@10 against the exact answer. Brute force and the indexes are
-timed alternately, query by query, so that machine noise hits them alike.
+(``pip install visionserve[ann]``, or ``faiss-cpu hnswlib``: an optional extra, not in the serve image).
+Reports the build time, the median and p90 latency of one query, and recall@10 against the exact answer.
+Brute force and the indexes are timed alternately, query by query, so that machine noise hits them alike.
 
 Random vectors are the hard case for an ANN index (no clusters to exploit); real embeddings give it better
 recall at the same settings.
