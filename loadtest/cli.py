@@ -59,7 +59,9 @@ def _discover_model(url: str) -> str:
     except (TransportError, ValueError) as exc:
         _fail(f"--model not given and {url}/v1/models could not be read ({exc}); pass --model NAME")
     models = data.get("models", data) if isinstance(data, dict) else data
-    names = [m.get("name") for m in models if isinstance(m, dict) and m.get("name")] if status == 200 else []
+    # a model listed as UNAVAILABLE (broken, or unloaded) cannot be load-tested
+    names = [m.get("name") for m in models if isinstance(m, dict) and m.get("name")
+             and m.get("state", "READY") == "READY"] if status == 200 else []
     if not names:
         _fail(f"--model not given and {url}/v1/models lists no model; pass --model NAME")
     return str(names[0])

@@ -29,6 +29,7 @@ def _root() -> None:
 COMMANDS = {
     "convert": ("convert.cli", "convert"),
     "serve": ("service.serve_cli", "serve"),
+    "publish": ("service.publish_cli", "publish"),
     "quantize": ("quantize.cli", "quantize"),
     "prune": ("quantize.cli", "prune"),
     "evaluate": ("quantize.cli", "evaluate"),

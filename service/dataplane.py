@@ -18,6 +18,7 @@ import numpy as np
 from . import __version__
 from .errors import BadTensor, DeadlineExceeded, InvalidParameter, Unavailable, VisionServeError
 from .imaging import Geometry
+from .manifest import Manifest
 from .metrics import Metrics
 from .postprocess import top_k
 from .registry import LoadedModel, Registry
@@ -47,7 +48,6 @@ class DataPlane:
         self.metrics = metrics
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads or settings.usable_cpus(),
                                                thread_name_prefix="decode")
-        self._admitted: dict[tuple[str, str], int] = {}  # requests per model version, arrival to answer
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=True)
@@ -68,11 +68,12 @@ class DataPlane:
         Routes enter this before reading the body: a request over the model's ``max_inflight`` costs no body
         read and no decode, and its 503 leaves at once."""
         labels = (model.name, model.version)
-        admitted = self._admitted.get(labels, 0)
-        if admitted >= self.max_inflight(model):
+        if model.users >= self.max_inflight(model):
             self.metrics.requests.labels(*labels, endpoint, "unavailable").inc()
-            raise Unavailable(f"model {model.name} is overloaded: {admitted} requests in flight; retry shortly")
-        self._admitted[labels] = admitted + 1
+            raise Unavailable(f"model {model.name} is overloaded: {model.users} requests in flight; retry shortly")
+        # admitted: counted until answered, and an unload of this version waits for it (no await since the
+        # lookup: no race)
+        model.users += 1
         inflight = self.metrics.inflight.labels(*labels)
         inflight.inc()
         started = time.perf_counter()
@@ -89,7 +90,7 @@ class DataPlane:
             outcome = "error"
             raise
         finally:
-            self._admitted[labels] -= 1
+            model.users -= 1
             inflight.dec()
             self.metrics.request_duration.labels(*labels, endpoint).observe(time.perf_counter() - started)
             self.metrics.requests.labels(*labels, endpoint, outcome).inc()
@@ -199,10 +200,24 @@ class DataPlane:
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "visionserve", "version": __version__,
-                "extensions": ["binary_tensor_data", "classification", "model_configuration"]}
+                "extensions": ["binary_tensor_data", "classification", "model_configuration",
+                               "model_repository"]}
+
+    def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Model metadata; for a model that is UNAVAILABLE (no READY version), from its manifest, with the state
+        and the reasons, so that the metadata says why it does not serve."""
+        try:
+            return self.model_metadata(self.registry.get(name, version))
+        except Unavailable:
+            m = self.registry.manifest(name)
+            if m is None or self.registry.versions(name):
+                raise
+            return {**self._metadata(m, None), "state": "UNAVAILABLE"}
 
     def model_metadata(self, model: LoadedModel) -> dict[str, Any]:
-        m = model.manifest
+        return self._metadata(model.manifest, model.provider)
+
+    def _metadata(self, m: Manifest, provider: str | None) -> dict[str, Any]:
         return {
             "name": m.name,
             "versions": self.registry.versions(m.name),
@@ -212,7 +227,8 @@ class DataPlane:
                 {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
             ],
             "outputs": [{"name": o.name, "datatype": o.datatype, "shape": o.shape} for o in m.outputs],
-            "parameters": {"task": m.task, "execution_provider": model.provider},
+            "parameters": {"task": m.task, "execution_provider": provider},
+            "version_states": self.registry.describe(m.name)["version_states"],
         }
 
     def model_config(self, model: LoadedModel) -> dict[str, Any]:
@@ -223,7 +239,7 @@ class DataPlane:
             "name": m.name,
             "platform": "onnxruntime_onnx",
             "backend": "onnxruntime",
-            "version_policy": {"latest": {"num_versions": 1}},
+            "version_policy": model.config.version_policy.triton(),
             "max_batch_size": model.max_batch_size,
             "input": [{"name": m.input.name, "data_type": f"TYPE_{m.input.datatype}",
                        "format": f"FORMAT_{m.input.layout}", "dims": m.input.shape[1:]},
@@ -240,17 +256,28 @@ class DataPlane:
         }
 
     def list_models(self) -> list[dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for model in self.registry.models():  # versions ascending: the latest one describes the model
-            m = model.manifest
-            versions = [*out[m.name]["versions"], m.version] if m.name in out else [m.version]
-            out[m.name] = {
-                "name": m.name, "versions": versions, "latest_version": m.version, "task": m.task,
+        """Every model the registry knows, READY or not, with each version's state (and reason)."""
+        out = []
+        for name in self.registry.known():
+            entry: dict[str, Any] = {"name": name, "versions": self.registry.versions(name),
+                                     **self.registry.describe(name)}
+            try:
+                model = self.registry.get(name)
+            except VisionServeError:  # no READY version: the state and reasons say why
+                m = self.registry.manifest(name)
+                if m is not None:
+                    entry.update(task=m.task, input={"name": m.input.name, "shape": m.input.shape,
+                                                     "datatype": m.input.datatype}, execution_provider=None)
+                out.append(entry)
+                continue
+            m = model.manifest  # the default (latest READY) version describes the model
+            out.append({
+                **entry, "latest_version": m.version, "task": m.task,
                 "input": {"name": m.input.name, "shape": m.input.shape, "datatype": m.input.datatype},
-                "state": "READY", "execution_provider": model.provider, "max_batch_size": model.max_batch_size,
+                "execution_provider": model.provider, "max_batch_size": model.max_batch_size,
                 "instances": len(model.runners), "labels": len(m.labels),
-            }
-        return list(out.values())
+            })
+        return out
 
 
 def classification_strings(model: LoadedModel, output: np.ndarray, k: int) -> np.ndarray:

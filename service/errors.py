@@ -39,6 +39,12 @@ class ModelNotFound(VisionServeError):
     status_code = 404
 
 
+class Conflict(VisionServeError):
+    """The request conflicts with the server's state or configuration (e.g. model control mode)."""
+
+    status_code = 409
+
+
 class PayloadTooLarge(VisionServeError):
     status_code = 413
 

@@ -55,3 +55,14 @@ class Metrics:
             "visionserve_model_ready", "1 when the model serves requests.", MV, registry=r)
         self.info = Gauge(
             "visionserve_model_info", "Execution provider in use (value 1).", [*MV, "provider"], registry=r)
+        self.loads = Counter(
+            "visionserve_model_loads", "Versions loaded, warmed up and put into service.", MV, registry=r)
+        self.unloads = Counter(
+            "visionserve_model_unloads", "Versions drained and unloaded.", MV, registry=r)
+        self.load_failures = Counter(
+            "visionserve_model_load_failures",
+            "Versions that failed to load, by cause: manifest, checksum, onnx, provider, warmup.",
+            [*MV, "cause"], registry=r)
+        self.unavailable = Gauge(
+            "visionserve_model_unavailable", "1 while a version cannot serve, labelled by why.",
+            [*MV, "cause"], registry=r)

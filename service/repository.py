@@ -28,6 +28,15 @@ class RepositoryError(Exception):
     """A repository entry that cannot be used, with a message for a person."""
 
 
+class ChecksumMismatch(RepositoryError):
+    """The model file does not match the manifest's sha256: changed, corrupted, or still being copied."""
+
+
+# What a version directory looked like: (file name, size, mtime in ns) of each file. Polling compares these,
+# cheaply (stat only); the sha256 in the manifest is what proves a version complete when it is loaded.
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     manifest: Manifest
@@ -81,8 +90,36 @@ def load_entry(directory: Path, *, verify_checksum: bool = False) -> ModelEntry:
     if not entry.model_path.exists():
         raise RepositoryError(f"{directory}: manifest names {manifest.model_file}, which is missing")
     if verify_checksum and sha256_file(entry.model_path) != manifest.provenance.onnx_sha256:
-        raise RepositoryError(f"{entry.model_path}: sha256 does not match the manifest (file changed?)")
+        raise ChecksumMismatch(f"{entry.model_path}: sha256 does not match the manifest (file changed?)")
     return entry
+
+
+def model_names(repo: Path) -> list[str]:
+    """The model directories of a repository (hidden ones, such as staging directories, left out)."""
+    return sorted(p.name for p in Path(repo).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def fingerprint(directory: Path) -> Fingerprint:
+    files = []
+    for f in os.scandir(directory):
+        if f.is_file():
+            st = f.stat()
+            files.append((f.name, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(files))
+
+
+def snapshot(repo: Path) -> dict[str, dict[str, Fingerprint]]:
+    """Every model's version directories (those holding a manifest) and their fingerprints. A directory that
+    vanishes while being looked at is left out: the next look sees the repository as it then is."""
+    found: dict[str, dict[str, Fingerprint]] = {}
+    for name in model_names(repo):
+        found[name] = {}
+        try:
+            for version in versions(repo, name):
+                found[name][version] = fingerprint(Path(repo) / name / version)
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def valid_entries(repo: Path, name: str) -> Iterator[ModelEntry]:

@@ -19,6 +19,10 @@ from .settings import ModelSettings
 
 log = logging.getLogger("visionserve.runtime")
 
+
+class ProviderUnavailable(Exception):
+    """A required execution provider is missing from this build or failed to initialise."""
+
 _OPT_LEVEL = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -76,8 +80,22 @@ class Runner:
         # MobileNetV2 fp32 after batches 1-4, same speed).
         so.add_session_config_entry("session.arena_extend_strategy", "kSameAsRequested")
         providers = choose_providers(list(cfg.providers))
+        required = cfg.require_provider
+        if required is not None and required not in providers:
+            available = ort.get_available_providers()
+            if required not in available:
+                raise ProviderUnavailable(f"{required} is required but this onnxruntime build has only "
+                                          f"{', '.join(available)}")
+            providers.insert(len(providers) - 1, required)  # required but not preferred: before CPU
         self.session = self._create(str(model_path), so, providers, cfg)
         self.providers: list[str] = self.session.get_providers()
+        if required is not None and required not in self.providers:
+            # onnxruntime may also fall back without raising (a CUDA build without a usable GPU or cuDNN)
+            raise ProviderUnavailable(f"{required} is required but failed to initialise; the session would run "
+                                      f"on {', '.join(self.providers)}")
+        if self.providers[0] != providers[0]:
+            log.warning("%s: preferred execution provider %s is not in use; running on %s", Path(model_path).name,
+                        providers[0], self.providers[0])
         inp = self.session.get_inputs()[0]
         self.input_name: str = inp.name
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
@@ -92,6 +110,9 @@ class Runner:
             except Exception as e:  # a GPU provider that fails to start: drop it and go on
                 if len(providers) == 1:
                     raise
+                if providers[0] == cfg.require_provider:
+                    raise ProviderUnavailable(f"{providers[0]} is required but failed to initialise: "
+                                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
                 log.warning("execution provider %s failed to initialise (%s); falling back", providers[0],
                             str(e).splitlines()[0] if str(e) else type(e).__name__)
                 providers = providers[1:]

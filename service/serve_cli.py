@@ -22,6 +22,15 @@ def serve(
     max_batch_size: Annotated[int | None, Opt(help="default max batch size for every model")] = None,
     instances: Annotated[int | None, Opt(help="ONNX Runtime sessions per model")] = None,
     log_level: Annotated[str | None, Opt(help="debug, info, warning or error")] = None,
+    model_control: Annotated[str | None, Opt(
+        help="none (read the repository once), poll (pick up new versions live) or explicit (the repository "
+             "API loads and unloads)")] = None,
+    poll_interval: Annotated[float | None, Opt(help="seconds between repository polls (poll mode; default 2)")] = None,
+    load_model: Annotated[list[str] | None, Opt(
+        help="explicit mode: a model to load at start (repeatable; '*' for all)")] = None,
+    strict_readiness: Annotated[bool | None, Opt(
+        "--strict-readiness/--no-strict-readiness",
+        help="ready only when every model is available (default: when at least one is)")] = None,
 ) -> None:
     """Serve every model in a repository (native API, Open Inference Protocol, /metrics).
 
@@ -30,7 +39,7 @@ def serve(
     """
     import uvicorn
 
-    from .repository import RepositoryError, scan
+    from .repository import model_names
     from .settings import ConfigError, load_settings
 
     defaults: dict[str, object] = {}
@@ -38,15 +47,20 @@ def serve(
         defaults["max_batch_size"] = max_batch_size
     if instances is not None:
         defaults["instances"] = instances
+    given = dict(repository=repository, host=host, port=port, log_level=log_level, model_control=model_control,
+                 poll_interval_s=poll_interval, load_models=load_model or None, strict_readiness=strict_readiness)
     try:
-        settings = load_settings(config, repository=repository, host=host, port=port, log_level=log_level)
+        settings = load_settings(config, **given)
         if defaults:
-            settings = load_settings(config, repository=repository, host=host, port=port, log_level=log_level,
+            settings = load_settings(config, **given,
                                      defaults=settings.defaults.model_copy(update=defaults).model_dump())
-        entries = scan(settings.repository)
-    except (ConfigError, RepositoryError) as e:
+    except ConfigError as e:
         fail(str(e))
-    if not entries:
+    # A broken model does not stop the server (it is UNAVAILABLE, with its reason, in the index); a
+    # repository that is not there does. poll and explicit modes may start with no model at all.
+    if not settings.repository.is_dir():
+        fail(f"model repository {settings.repository} does not exist or is not a directory")
+    if settings.model_control == "none" and not model_names(settings.repository):
         fail(f"no models in repository {settings.repository} (build one with `visionserve convert` or "
              "`make models`)")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

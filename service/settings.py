@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .cpus import available_cpus
+from .versions import VersionPolicy
 
 Provider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -53,6 +54,14 @@ class ModelSettings(BaseModel):
         default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     """Execution providers in order of preference; those this onnxruntime build lacks are skipped."""
+    require_provider: Provider | None = None
+    """A provider the model must run on (e.g. ``CUDAExecutionProvider``): if it is missing or fails to initialise,
+    the model is UNAVAILABLE (503 with the reason) instead of quietly running on CPU. Unset: fall back, with
+    a warning."""
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    """Which versions to serve, as Triton spells it: ``{"latest": {"num_versions": N}}``,
+    ``{"specific": {"versions": [1, 3]}}`` or ``{"all": {}}``. Default: all with ``model_control`` none (what
+    the server always did), the latest one (Triton's default) with poll or explicit."""
     intra_op_threads: int = Field(default=0, ge=0)
     """Threads per instance session for one operator (0: 1 on the CPU provider — the instances are the
     parallelism — and the usable CPUs divided among the instances otherwise)."""
@@ -122,6 +131,16 @@ class Settings(BaseSettings):
     drain_idle_close_s: float = Field(default=1.0, ge=0)
     """On SIGTERM, idle keep-alive connections stay open this long; a request that arrives on one meanwhile
     is answered (with ``Connection: close``) instead of meeting a closed socket (a TCP reset)."""
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    """Triton's model control modes. ``none``: the repository is read once at start. ``poll``: new, changed and
+    removed version directories are picked up every ``poll_interval_s`` without a restart. ``explicit``:
+    models are loaded and unloaded through ``/v2/repository/models/{m}/load|unload``."""
+    poll_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    """How often ``poll`` mode looks at the repository."""
+    load_models: list[str] = Field(default_factory=list)
+    """``explicit`` mode: the models loaded at start, as Triton's ``--load-model`` (default none; ``*``: all)."""
+    strict_readiness: bool = False
+    """``/v2/health/ready`` only when every model has a READY version (default: when at least one has)."""
     defaults: ModelSettings = Field(default_factory=ModelSettings)
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-model overrides of ``defaults``, by model name."""
@@ -153,7 +172,14 @@ class Settings(BaseSettings):
 
     def for_model(self, name: str) -> ModelSettings:
         over = self.models.get(name) or self.models.get(name.upper()) or self.models.get(name.lower()) or {}
-        return self.defaults.model_copy(update=ModelSettings(**over).model_dump(exclude_unset=True))
+        # validated again, so that nested settings (version_policy) are models, not dicts
+        merged = {**self.defaults.model_dump(exclude_unset=True),
+                  **ModelSettings(**over).model_dump(exclude_unset=True)}
+        if "version_policy" not in merged and self.model_control == "none":
+            # model control "none" keeps what the server always did: every version in the repository is served
+            # (each under /versions/{v}, the newest by default); poll and explicit default to Triton's latest 1
+            merged["version_policy"] = {"all": {}}
+        return ModelSettings.model_validate(merged)
 
 
 class ConfigError(Exception):

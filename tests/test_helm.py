@@ -32,6 +32,7 @@ CASES = {
     "jetson": ["values-jetson.yaml"],
     "full": ["ci/full-values.yaml"],
     "pvc": ["ci/pvc-values.yaml"],
+    "poll": ["values-poll.yaml"],
     "gpu-full": ["values-gpu.yaml", "ci/full-values.yaml"],
 }
 
@@ -138,6 +139,13 @@ def test_renders_valid_manifests(chart: Any, case: str) -> None:
     drain = float(config["VISIONSERVE_GRACEFUL_TIMEOUT_S"])
     pre_stop = float(c["lifecycle"]["preStop"]["exec"]["command"][1])
     assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
+    # Rollouts: no old pod leaves before its replacement is ready (models loaded, warmed up) and stayed so;
+    # the rollout is not declared failed while a new pod may still be loading its models.
+    spec = dep["spec"]
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0 and spec["minReadySeconds"] > 0
+    startup = c["startupProbe"]
+    assert spec["progressDeadlineSeconds"] >= startup["periodSeconds"] * startup["failureThreshold"]
+    assert config["VISIONSERVE_MODEL_CONTROL"] == values["modelRepository"]["control"]["mode"]
 
     svc = k["Service"]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
@@ -188,6 +196,22 @@ def test_gpu_values(chart: Any) -> None:
     assert config["VISIONSERVE_DEFAULTS__TRT_ENGINE_CACHE"] == "/cache/tensorrt"
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts["/cache/tensorrt"] == "tensorrt-cache"
+
+
+def test_poll_values(chart: Any) -> None:
+    """Live model updates: the repository on a PVC (read-only for the pods), polled within 5 s."""
+    docs, _ = render(chart, CASES["poll"])
+    k = by_kind(docs)
+    config = k["ConfigMap"]["data"]
+    assert config["VISIONSERVE_MODEL_CONTROL"] == "poll" and 0 < float(config["VISIONSERVE_POLL_INTERVAL_S"]) <= 5
+    assert config["VISIONSERVE_STRICT_READINESS"] == "false"
+    pod = k["Deployment"]["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts[config["VISIONSERVE_REPOSITORY"]]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts[config["VISIONSERVE_REPOSITORY"]]["name"]]["persistentVolumeClaim"]["claimName"]
+    with pytest.raises(helm.HelmRenderError, match=r"poll needs modelRepository\.source pvc"):
+        chart.render({"modelRepository": {"control": {"mode": "poll"}}}, name="vs", namespace="serving")
 
 
 def test_jetson_values(chart: Any) -> None:

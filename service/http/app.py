@@ -22,7 +22,7 @@ from ..metrics import Metrics
 from ..registry import Registry
 from ..settings import Settings
 from ..tasks import routers as task_routers
-from . import native, oip
+from . import native, oip, repository
 from .auth import ApiKeyMiddleware
 from .common import error_response
 
@@ -77,6 +77,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.add_middleware(ApiKeyMiddleware, settings=settings)
     app.include_router(native.router)
     app.include_router(oip.router)
+    app.include_router(repository.router)
     for router in task_routers():  # plug-in tasks: their native routes and what they bring
         app.include_router(router)
 

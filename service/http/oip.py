@@ -38,13 +38,13 @@ async def live() -> dict[str, Any]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="Readiness: every model loaded and warmed up")
+@router.get("/v2/health/ready", summary="Readiness: the first load is over and a model serves (strict: every model)")
 async def ready(request: Request) -> Any:
-    dp = dataplane(request)
     if request.app.state.draining:
         raise Unavailable("the server is shutting down", retry_after_s=1)
-    if not dp.registry.ready:
-        raise Unavailable(dp.registry.error or "models are still loading", retry_after_s=2)
+    reason = dataplane(request).registry.not_ready_reason()
+    if reason is not None:
+        raise Unavailable(reason, retry_after_s=2)
     return {"ready": True}
 
 
@@ -52,7 +52,7 @@ async def ready(request: Request) -> Any:
 @router.get("/v2/models/{model}/versions/{version}", include_in_schema=False)
 async def model_metadata(request: Request, model: str, version: str | None = None) -> dict[str, Any]:
     dp = dataplane(request)
-    return dp.model_metadata(dp.model(model, version))
+    return dp.metadata(model, version)  # an UNAVAILABLE model's metadata says why
 
 
 @router.get("/v2/models/{model}/ready", summary="Model readiness")

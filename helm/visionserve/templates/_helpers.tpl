@@ -57,6 +57,9 @@ VISIONSERVE_REPOSITORY: {{ .Values.modelRepository.mountPath | quote }}
 VISIONSERVE_HOST: "0.0.0.0"
 VISIONSERVE_PORT: {{ .Values.containerPort | toString | quote }}
 VISIONSERVE_GRACEFUL_TIMEOUT_S: {{ .Values.shutdown.drainSeconds | toString | quote }}
+VISIONSERVE_MODEL_CONTROL: {{ .Values.modelRepository.control.mode | quote }}
+VISIONSERVE_POLL_INTERVAL_S: {{ .Values.modelRepository.control.pollIntervalSeconds | toString | quote }}
+VISIONSERVE_STRICT_READINESS: {{ .Values.modelRepository.control.strictReadiness | toString | quote }}
 {{- if .Values.tensorrtCache.enabled }}
 VISIONSERVE_DEFAULTS__TRT_ENGINE_CACHE: {{ .Values.tensorrtCache.mountPath | quote }}
 {{- end }}
