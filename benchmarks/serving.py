@@ -45,7 +45,6 @@ from service.cpus import available_cpus  # noqa: E402
 from service.imaging import Preprocessor  # noqa: E402
 from service.manifest import Manifest  # noqa: E402
 from service.repository import valid_entries  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
 
 IMAGE = ROOT / "examples" / "images" / "cat.jpg"
 LUA = """wrk.method = "POST"
@@ -54,6 +53,15 @@ local f = io.open("{image}", "rb")
 wrk.body = f:read("*all")
 f:close()
 """
+
+
+def free_port() -> int:
+    """A port nothing listens on now (benchmarks do not import the tests' fixtures)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # -- in-process: the physical limit ----------------------------------------------------------------------

@@ -20,7 +20,9 @@ def convert(
     module: Annotated[str | None, Opt(help="any nn.Module: 'package.module:factory'")] = None,
     torchscript: Annotated[Path | None, Opt(help="a TorchScript file (torch.jit.save)")] = None,
     weights: Annotated[Path | None, Opt(help="state_dict or checkpoint for --arch/--module")] = None,
-    task: Annotated[str, Opt(help="classify or detect")] = "classify",
+    task: Annotated[str, Opt(help="classify, detect or embed")] = "classify",
+    embed_layer: Annotated[str | None, Opt(help="embed: cut the network after this module (e.g. 'features'); "
+                                                "pooled and L2-normalised in the graph (default: its output)")] = None,
     labels: Annotated[Path | None, Opt(help="class names, one per line")] = None,
     num_classes: Annotated[int | None, Opt(help="classes of a torchvision --arch (default 1000)")] = None,
     version: Annotated[str | None, Opt(help="version to write (default: next)")] = None,
@@ -57,8 +59,10 @@ def convert(
     from .sources import load_source
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if task not in ("classify", "detect"):
-        fail(f"--task must be classify or detect, got {task!r}")
+    if task not in ("classify", "detect", "embed"):
+        fail(f"--task must be classify, detect or embed, got {task!r}")
+    if embed_layer is not None and task != "embed":
+        fail("--embed-layer applies to --task embed only")
     h, w = parse_size(input_size, "--input-size")
     if task == "detect":
         from .detect_cli import convert_detect
@@ -83,8 +87,13 @@ def convert(
         label_list = read_labels(labels) if labels else []
         source = load_source(arch=arch, module=module, torchscript=torchscript, weights=weights,
                              num_classes=num_classes)
+        if task == "embed":
+            from .embed import embedder
+
+            source.model = embedder(source.model, embed_layer)
+            source.description += f" (embedding at {embed_layer or 'its output'})"
         opts = ConvertOptions(
-            name=name, repository=repository, version=version, task="classify", input_size=(h, w),
+            name=name, repository=repository, version=version, task=task, input_size=(h, w),  # type: ignore[arg-type]
             preprocess=pre, labels=label_list, classify_activation=activation,  # type: ignore[arg-type]
             exporter=exporter, opset=opset, atol=atol, rtol=rtol,  # type: ignore[arg-type]
             max_batch_size=max_batch_size, overwrite=overwrite,

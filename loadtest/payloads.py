@@ -2,7 +2,8 @@
 
 Kinds (see docs/loadtest.md and the HTTP contract):
 
-- ``classify`` / ``detect``: ``POST /v1/models/{m}/classify`` with the raw image bytes as the body.
+- ``classify`` / ``detect`` / ``embed``: ``POST /v1/models/{m}/<kind>`` with the raw image bytes as the body.
+- ``identify``: ``POST /v1/galleries/{g}/identify`` with the raw image bytes; ``--model`` names the gallery.
 - ``infer``: Open Inference Protocol ``POST /v2/models/{m}/infer`` with a JSON body whose input
   ``image`` (datatype BYTES) holds the base64-encoded file.
 - ``infer-binary``: the same request with the binary tensor extension: a JSON header of
@@ -18,7 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("classify", "detect", "infer", "infer-binary")
+KINDS = ("classify", "detect", "embed", "identify", "infer", "infer-binary")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_IMAGES = 1024
 
@@ -73,9 +74,12 @@ def build_payload(
     """The request that sends ``image`` to ``model`` as ``kind``."""
     extra = dict(headers or {})
     suffix = f"?{query}" if query else ""
-    if kind in ("classify", "detect"):
+    if kind in ("classify", "detect", "embed"):
         path = f"/v1{model_path(model, version)}/{kind}{suffix}"
         return Payload("POST", path, {"Content-Type": sniff_content_type(image), **extra}, image)
+    if kind == "identify":  # the gallery decides the model
+        return Payload("POST", f"/v1/galleries/{model}/identify{suffix}",
+                       {"Content-Type": sniff_content_type(image), **extra}, image)
     path = f"/v2{model_path(model, version)}/infer{suffix}"
     if kind == "infer":
         tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}

@@ -219,8 +219,10 @@ def evaluate(
     limit: Annotated[Optional[int], Opt(help="evaluate at most this many images")] = None,
     json_out: Annotated[Optional[Path], Opt("--json", help="also write the full result as JSON")] = None,
     threads: Annotated[int, Opt(help="ONNX Runtime threads")] = 2,
+    ways: Annotated[int, Opt(help="embed models: classes per N-way 1-shot episode")] = 5,
+    episodes: Annotated[int, Opt(help="embed models: one-shot episodes to average over")] = 500,
 ) -> None:
-    """Accuracy of a model on a labelled dataset (top-1/top-5, per class, confusions)."""
+    """Accuracy of a model on a labelled dataset (top-1/top-5, per class, confusions; N-way 1-shot for embed)."""
     from service.repository import RepositoryError
 
     from .data import DatasetError
@@ -232,7 +234,7 @@ def evaluate(
         from .models import resolve
 
         entry = resolve(model, repository, label_list)
-        result = run(entry, dataset, EvalOptions(threads=threads, limit=limit))
+        result = run(entry, dataset, EvalOptions(threads=threads, limit=limit, ways=ways, episodes=episodes))
     except (DatasetError, RepositoryError, OSError, ValueError) as e:
         fail(str(e))
     typer.echo(render(result))

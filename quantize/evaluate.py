@@ -6,6 +6,7 @@ Classification reads an ImageFolder. Another task plugs in with ``@evaluator("de
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ class EvalOptions:
     batch: int = 8
     threads: int = 2
     limit: int | None = None  # evaluate at most this many images (spread over the classes)
+    ways: int = 5  # embed: classes per one-shot episode
+    episodes: int = 500  # embed: episodes to average over
 
 
 Evaluator = Callable[[ModelEntry, Path, EvalOptions], dict[str, object]]
@@ -43,6 +46,13 @@ def evaluator(task: str) -> Callable[[Evaluator], Evaluator]:
 
 def evaluate(entry: ModelEntry, dataset: Path, options: EvalOptions | None = None) -> dict[str, object]:
     task = entry.manifest.task
+    if task not in EVALUATORS:  # a plug-in task names its evaluator (service.tasks); import it on demand
+        from service.tasks import get
+
+        plugin = get(task)
+        if plugin is not None and plugin.evaluator:
+            module, func = plugin.evaluator.split(":")
+            EVALUATORS[task] = getattr(importlib.import_module(module), func)
     if task not in EVALUATORS:
         raise DatasetError(f"evaluating {task!r} models is not supported yet (known: {sorted(EVALUATORS)})")
     return EVALUATORS[task](entry, Path(dataset), options or EvalOptions())

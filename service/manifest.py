@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .tasks.embed import EmbedPostprocess
+
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 SCHEMA_VERSION = 1
@@ -96,7 +98,8 @@ class DetectPostprocess(_Strict):
     )
 
 
-Postprocess = Annotated[ClassifyPostprocess | DetectPostprocess, Field(discriminator="kind")]
+# plug-in tasks (service.tasks) declare their own section; each adds one branch here
+Postprocess = Annotated[ClassifyPostprocess | DetectPostprocess | EmbedPostprocess, Field(discriminator="kind")]
 
 
 class Parity(_Strict):
@@ -130,7 +133,7 @@ class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
     version: str
-    task: Literal["classify", "detect"]
+    task: Literal["classify", "detect", "embed"]
     model_file: str = MODEL_FILE
     input: InputSpec
     outputs: list[TensorSpec]
@@ -148,7 +151,8 @@ class Manifest(_Strict):
         wanted = (
             [self.postprocess.output]
             if isinstance(self.postprocess, ClassifyPostprocess)
-            else list(self.postprocess.outputs)
+            else list(self.postprocess.outputs) if isinstance(self.postprocess, DetectPostprocess)
+            else self.postprocess.reads()
         )
         missing = [n for n in wanted if n not in names]
         if missing:

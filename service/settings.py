@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VISIONSERVE_", env_nested_delimiter="__", extra="forbid")
 
     repository: Path = Path("model_repository")
+    data_dir: Path | None = None
+    """Where one-shot galleries are kept (``galleries/`` inside it). Default: ``.visionserve-data`` inside the
+    model repository (hidden from the model scan); set it when the repository is mounted read-only."""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: SecretStr | None = None

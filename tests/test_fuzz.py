@@ -153,12 +153,13 @@ def oip_requests(draw: st.DrawFn) -> dict[str, Any]:
     return req
 
 
-ISSUE_CASES = [  # the nine inputs that answered 500 before (issue 13)
+ISSUE_CASES = [  # the nine inputs that answered 500 before (issue 13), and one hypothesis found later
     b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                             "data": json.loads("[" * 900 + '"aGk="' + "]" * 900)}]}).encode(),
     json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2**62, 4], "data": []}]}).encode(),
     json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2**32, 2**32], "data": []}]}).encode(),
+    json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [0, 2**62], "data": []}]}).encode(),
     json.dumps({"inputs": [{"name": "input", "datatype": "INT8", "shape": [1], "data": [1000]}]}).encode(),
     json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1], "data": [-1]}]}).encode(),
     json.dumps({"inputs": [{"name": "input", "datatype": "INT64", "shape": [1], "data": [2**70]}]}).encode(),

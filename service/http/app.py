@@ -21,6 +21,7 @@ from ..errors import VisionServeError
 from ..metrics import Metrics
 from ..registry import Registry
 from ..settings import Settings
+from ..tasks import routers as task_routers
 from . import explain, native, oip, repository
 from .auth import ApiKeyMiddleware
 from .common import error_response
@@ -78,6 +79,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.include_router(oip.router)
     app.include_router(repository.router)
     app.include_router(explain.router)
+    for router in task_routers():  # plug-in tasks: their native routes and what they bring
+        app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..dataplane import DATATYPES, Tensor, classification_strings
 from ..errors import BadTensor, Unavailable
+from ..tasks import get as get_task
 from .common import dataplane, deadline, read_body
 
 router = APIRouter(tags=["open inference protocol"])
@@ -128,7 +129,7 @@ def _inputs(req: dict[str, Any], binary: bytes, budget: int) -> list[Tensor]:
                 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise BadTensor(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} non-negative integers")
         count = math.prod(shape)  # exact: a numpy product of [2**62, 4] would wrap around
-        if count > budget:
+        if count > budget or max(shape, default=0) > budget:  # [0, 2**62] holds nothing but cannot be made
             raise BadTensor(f"input {name!r}: shape {shape} holds {count} elements; the body limit allows "
                             f"at most {budget}")
         params = raw.get("parameters") or {}
@@ -250,6 +251,8 @@ def _response(req: dict[str, Any], wanted: list[dict[str, Any]], model: Any, nam
             if not isinstance(k, int) or k < 1 or model.manifest.task != "classify":
                 raise BadTensor("'classification' must be a positive integer on a classifier's output")
             arr = classification_strings(model, arr, k)
+        elif (task := get_task(model.manifest.task)) is not None:  # a plug-in task shapes its own outputs
+            arr = task.oip_output(model, spec["name"], arr, params)
         dtype = "BYTES" if arr.dtype == object else _datatype(arr)
         out: dict[str, Any] = {"name": spec["name"], "datatype": dtype, "shape": list(arr.shape)}
         if params.get("binary_data", binary_default):
