@@ -94,6 +94,8 @@ class Client:
         answer or before we sent), "refused", or a failure kind that was counted."""
         started = time.monotonic() if started is None else started
         try:
+            if self.reader is not None and self.reader.at_eof():  # closed by the server while idle (keep-alive
+                self.close()                                         # timeout): reconnect, as HTTP clients do
             if self.writer is None:
                 self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
             assert self.reader is not None
