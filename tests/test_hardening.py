@@ -83,7 +83,10 @@ def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
     """One response of several pipelined ones (nothing read beyond it)."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(1)
+        byte = sock.recv(1)
+        if not byte:
+            raise AssertionError(f"connection closed before a response: {data!r}")
+        data += byte
     lines = data.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
     body = b""
@@ -277,7 +280,9 @@ def request_bytes(path: str, body: bytes = b"", ctype: str = "image/jpeg") -> by
 
 
 def test_sigterm_finishes_what_was_accepted_and_exits_0(repo: Path, tmp_path: Path) -> None:
-    s = start_server(repo, tmp_path, env=ONE_WORKER)
+    # idle connections kept 5 s into the drain: this test's own readiness request, sent after the signal,
+    # must not race the grace period on a loaded machine
+    s = start_server(repo, tmp_path, env={**ONE_WORKER, "VISIONSERVE_DRAIN_IDLE_CLOSE_S": "5"})
     jpeg = CAT.read_bytes()
     busy, idle = connect(s), connect(s)
     try:
