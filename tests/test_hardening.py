@@ -49,38 +49,9 @@ def connect(server: Server) -> socket.socket:
     return sock
 
 
-def read_response(sock: socket.socket, limit: float = 10) -> tuple[int, dict[str, str], bytes, bool]:
-    """(status, headers, body, closed) of one response; ``closed``: the server ended the connection after it."""
+def read_one(sock: socket.socket, limit: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of the next response, reading nothing beyond it (pipelined ones may follow)."""
     sock.settimeout(limit)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed before a response: {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    n = int(headers.get("content-length", "0"))
-    while len(body) < n:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    closed = False
-    try:
-        sock.settimeout(3)
-        closed = sock.recv(1) == b""
-    except TimeoutError:
-        closed = False
-    except ConnectionResetError:
-        raise AssertionError("the server reset the connection after its answer") from None
-    return status, headers, body[:n], closed
-
-
-def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
-    """One response of several pipelined ones (nothing read beyond it)."""
     data = b""
     while b"\r\n\r\n" not in data:
         byte = sock.recv(1)
@@ -89,10 +60,27 @@ def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
         data += byte
     lines = data.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
+    n = int(headers.get("content-length", "0"))
     body = b""
-    while len(body) < int(headers["content-length"]):
-        body += sock.recv(int(headers["content-length"]) - len(body))
-    return int(lines[0].split()[1]), headers, body, False
+    while len(body) < n:
+        chunk = sock.recv(n - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def read_response(sock: socket.socket, limit: float = 10) -> tuple[int, dict[str, str], bytes, bool]:
+    """(status, headers, body, closed) of one response; ``closed``: the server ended the connection after it."""
+    status, headers, body = read_one(sock, limit)
+    try:
+        sock.settimeout(3)
+        closed = sock.recv(1) == b""
+    except TimeoutError:
+        closed = False
+    except ConnectionResetError:
+        raise AssertionError("the server reset the connection after its answer") from None
+    return status, headers, body, closed
 
 
 def json_error(body: bytes) -> str:
@@ -299,9 +287,11 @@ def test_sigterm_finishes_what_was_accepted_and_exits_0(repo: Path, tmp_path: Pa
         assert status == 503 and closed
         assert "shutting down" in json_error(body)
         # three pipelined requests on one connection: all three answered, the last with Connection: close
-        for i in range(3):
-            status, headers, body, closed = read_response(busy, limit=30) if i == 2 else read_head(busy)
+        for _ in range(2):
+            status, _, body = read_one(busy, limit=30)
             assert status == 200 and json.loads(body)["predictions"], body
+        status, headers, body, closed = read_response(busy, limit=30)
+        assert status == 200 and json.loads(body)["predictions"], body
         assert headers.get("connection") == "close" and closed
         rc = s.process.wait(timeout=30)
     finally:
