@@ -18,7 +18,8 @@ from tests.conftest import CAT, Server, start_server, stop_server
 from tests.onnx_builders import write_conv_stack
 
 FAST = {"name": "fast", "size": 32, "width": 8, "depth": 1}
-SLOW = {"name": "slow", "size": 192, "width": 64, "depth": 8}  # ≈ 0.5 s an image on one thread
+SLOW = {"name": "slow", "size": 192, "width": 64, "depth": 8}  # 0.15-0.5 s an image on one thread
+SLOWEST = {"name": "slowest", "size": 192, "width": 64, "depth": 40}  # ≥ 0.6 s an image, however fast the CPU
 ONE_WORKER = {"VISIONSERVE_DEFAULTS__INSTANCES": "1", "VISIONSERVE_DEFAULTS__SOLO_THREADS": "0",
               "VISIONSERVE_DEFAULTS__PREFERRED_BATCH_SIZE": "1", "VISIONSERVE_WARMUP": "false"}
 KEY = "s3cret-key"
@@ -27,7 +28,7 @@ KEY = "s3cret-key"
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("hardening_repo")
-    for spec in (FAST, SLOW):
+    for spec in (FAST, SLOW, SLOWEST):
         write_conv_stack(root, spec["name"], size=spec["size"], width=spec["width"], depth=spec["depth"])
     return root
 
@@ -308,8 +309,8 @@ def test_drain_timeout_answers_json_503_and_exits_nonzero(repo: Path, tmp_path: 
     jpeg = CAT.read_bytes()
     socks = [connect(s) for _ in range(4)]
     try:
-        for sock in socks:  # ≈ 2 s of work on one worker: more than the 0.5 s drain
-            sock.sendall(request_bytes("/v1/models/slow/classify", jpeg))
+        for sock in socks:  # ≥ 2.4 s of work on one worker on any machine: more than the 0.5 s drain
+            sock.sendall(request_bytes("/v1/models/slowest/classify", jpeg))
         time.sleep(0.3)
         s.process.send_signal(signal.SIGTERM)
         answers = [read_response(sock, limit=30) for sock in socks]
