@@ -9,12 +9,12 @@ client without it learns nothing, not even which models or routes exist.
 from __future__ import annotations
 
 import hmac
-import json
-from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..errors import Unauthorized
 from ..settings import Settings
+from .common import error_response
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
                         "/openapi.json"})
@@ -44,20 +44,13 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         given = given_key(scope["headers"])
-        if not given:
-            await _unauthorized(send, "missing API key: send header X-API-Key (or Authorization: Bearer)")
-        elif not hmac.compare_digest(given, self.key):
-            await _unauthorized(send, "wrong API key")
-        else:
+        if given and hmac.compare_digest(given, self.key):
             await self.app(scope, receive, send)
+            return
+        message = "wrong API key" if given else "missing API key: send header X-API-Key (or Authorization: Bearer)"
+        challenge = {"WWW-Authenticate": 'Bearer realm="visionserve"'}
+        await error_response(Unauthorized(message, headers=challenge))(scope, receive, send)
 
     def _open(self, path: str) -> bool:
         return path in self.open_paths or path.startswith(OPEN_PREFIXES)
 
-
-async def _unauthorized(send: Send, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
-    headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                          (b"www-authenticate", b'Bearer realm="visionserve"')]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
