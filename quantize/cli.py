@@ -64,14 +64,24 @@ def quantize(
     no_guard: Annotated[bool, Opt("--no-guard", help="skip the accuracy guard (not recommended)")] = False,
     threads: Annotated[int, Opt(help="ONNX Runtime threads for evaluation and timing")] = 2,
     overwrite: Annotated[bool, Opt(help="replace an existing version")] = False,
+    min_cosine: Annotated[float, Opt(help="embed models: smallest mean cosine similarity of int8 to fp32 "
+                                          "embeddings (selection set, then held-out set)")] = 0.98,
+    max_oneshot_drop: Annotated[float, Opt(help="embed models: largest drop of held-out N-way 1-shot accuracy "
+                                                "(fraction: 0.02 = 2 points)")] = 0.02,
+    ways: Annotated[int, Opt(help="embed models: classes per one-shot episode")] = 5,
+    episodes: Annotated[int, Opt(help="embed models: one-shot episodes (the same ones for fp32 and int8)")] = 500,
 ) -> None:
-    """Static int8 (QDQ) quantization with an accuracy guard and a speed guard; writes a new repository entry."""
+    """Static int8 (QDQ) quantization with an accuracy guard and a speed guard; writes a new repository entry.
+
+    Embedding models are guarded on the cosine similarity of their int8 embeddings to the fp32 ones and on
+    N-way 1-shot accuracy (classes: the ImageFolder's, or the photo each ``natural`` crop came from)."""
     _setup_logging()
     from pydantic import ValidationError
 
     from service.repository import RepositoryError
 
     from .data import DatasetError, hold_out, open_set
+    from .evaluate_embed import Episodes
     from .int8 import QuantizeError, detect_target, settings_for
     from .models import resolve
     from .pipeline import QuantizeJob, run_quantize
@@ -80,9 +90,14 @@ def quantize(
         label_list = [s.strip() for s in labels.read_text().splitlines() if s.strip()] if labels else None
         entry = resolve(model, repository, label_list)
         detect = entry.manifest.task == "detect"
-        if entry.manifest.task not in ("classify", "detect"):
-            fail(f"quantize handles classifiers and detectors; {entry.manifest.name} is a "
+        embed = entry.manifest.task == "embed"
+        if entry.manifest.task not in ("classify", "detect", "embed"):
+            fail(f"quantize handles classifiers, detectors and embedding models; {entry.manifest.name} is a "
                  f"{entry.manifest.task} model")
+        if embed and not (0.0 < min_cosine <= 1.0):
+            fail(f"--min-cosine is a cosine similarity in (0, 1], not {min_cosine:g}")
+        if embed and (ways < 2 or episodes < 1):
+            fail("--ways must be at least 2 and --episodes at least 1")
         if detect:
             from .detect import check_quantizable
 
@@ -132,12 +147,15 @@ def quantize(
             typer.echo(f"no --eval: {len(ev)} of the calibration images select, {len(ho)} are held out")
         job = QuantizeJob(
             source=entry, repository=repository, name=name or f"{entry.manifest.name}_int8",
-            calibration=cal, evaluation=ev, settings=settings, max_drop=None if no_guard else max_drop,
+            calibration=cal, evaluation=ev, settings=settings,
+            max_drop=None if no_guard else (1.0 - min_cosine if embed else max_drop),
             max_excluded=max_excluded, version=version, overwrite=overwrite, threads=threads,
             derived_from=None if model.endswith(".onnx") else
             f"{entry.manifest.name}:{entry.manifest.version}", detect_eval=detect_eval, held_out=ho,
             detect_held_out=detect_held, min_speedup=min_speedup, allow_slow=allow_slow,
             serving_batch=serving_batch, calibration_tensors=synthetic, bias_correction=bias_correction,
+            max_oneshot_drop=None if no_guard or not embed else max_oneshot_drop,
+            episodes=Episodes(ways=ways, episodes=episodes),
         )
         result = run_quantize(job)
     except (QuantizeError, DatasetError, RepositoryError, ValidationError, ValueError, OSError) as e:
