@@ -89,11 +89,14 @@ def quantize(
     try:
         label_list = [s.strip() for s in labels.read_text().splitlines() if s.strip()] if labels else None
         entry = resolve(model, repository, label_list)
+        from .guard import GUARD_METRICS, guard_metric
+
+        metric = guard_metric(entry.manifest.task)
         detect = entry.manifest.task == "detect"
-        embed = entry.manifest.task == "embed"
-        if entry.manifest.task not in ("classify", "detect", "embed"):
-            fail(f"quantize handles classifiers, detectors and embedding models; {entry.manifest.name} is a "
-                 f"{entry.manifest.task} model")
+        embed = metric == "cosine"
+        if metric not in GUARD_METRICS:
+            fail(f"quantize has no accuracy guard for {entry.manifest.task} models ({entry.manifest.name}); it "
+                 f"handles classifiers, detectors and embedding models")
         if embed and not (0.0 < min_cosine <= 1.0):
             fail(f"--min-cosine is a cosine similarity in (0, 1], not {min_cosine:g}")
         if embed and (ways < 2 or episodes < 1):

@@ -29,6 +29,20 @@ CONFIDENT = 0.5
 MIN_CONFIDENT = 20
 
 
+GUARD_METRICS = ("top1", "map50", "cosine")  # what this guard can compare fp32 with int8 on
+
+
+def guard_metric(task: str) -> str | None:
+    """What a task's int8 guard compares: the plug-in task's declared ``guard_metric`` (service.tasks), else
+    the built-in tasks' (classify: top-1, detect: mAP@0.5); None for a task nothing declares."""
+    from service.tasks import get
+
+    plugin = get(task)
+    if plugin is not None:
+        return plugin.guard_metric
+    return {"classify": "top1", "detect": "map50"}.get(task)
+
+
 def activation_of(manifest: object) -> str:
     """The classifier's ``postprocess.activation`` (softmax for anything without one)."""
     return str(getattr(getattr(manifest, "postprocess", None), "activation", "softmax"))

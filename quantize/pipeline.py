@@ -24,7 +24,7 @@ from service.repository import ModelEntry, write_version
 from .data import ImageSet, load_tensors, map_classes
 from .detect import DetectFidelity, check_quantizable, detect_fidelity, detector_float_nodes
 from .evaluate_embed import Episodes
-from .guard import Fidelity, activation_of, candidate_nodes, fidelity, rank_sensitive
+from .guard import Fidelity, activation_of, candidate_nodes, fidelity, guard_metric, rank_sensitive
 from .guard_embed import EmbedFidelity, EmbedHeldOut, embed_fidelity, embed_held_out, one_shot_classes
 from .heldout import HeldOut, held_out
 from .int8 import QuantizeError, Settings, calibrate, preprocess_model, quantize_with
@@ -109,7 +109,7 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
     started = time.perf_counter()
     m = job.source.manifest
     detect = m.task == "detect"
-    embed = m.task == "embed"
+    embed = guard_metric(m.task) == "cosine"  # the task's declared guard (service/tasks: embed)
     if detect:
         check_quantizable(job.source)
     prep = Preprocessor(m.input, m.preprocess, draft=False)
@@ -264,7 +264,7 @@ def _held_out(job: QuantizeJob, model: Path, ho: np.ndarray | None, targets: np.
         got = evaluate_detection(job.source, coco, images, onnx_path=model, threads=job.threads, sink=sinks[1])
         ci = drop_ci(sinks[0]["coco_eval"], sinks[1]["coco_eval"]) if all(sinks) else None
         result = detect_fidelity(ref, got, ci)
-    elif ho is not None and job.held_out is not None and job.source.manifest.task == "embed":
+    elif ho is not None and job.held_out is not None and guard_metric(job.source.manifest.task) == "cosine":
         ref = predict(session(job.source.model_path, job.threads), ho)
         result = embed_held_out(ref, predict(session(model, job.threads), ho),
                                 one_shot_classes(job.held_out.targets, job.held_out.groups), job.held_out.groups,
@@ -349,7 +349,7 @@ def _write(job: QuantizeJob, model: Path, n_cal: int, final: AnyFidelity | None,
             "max_drop": job.max_drop, "ranked_by": job.rank_by,
             **({"metric": "cosine", "min_cosine": None if job.max_drop is None else round(1 - job.max_drop, 6),
                 "max_oneshot_drop": job.max_oneshot_drop, "ways": job.episodes.ways,
-                "episodes": job.episodes.episodes} if src.task == "embed" else {}),
+                "episodes": job.episodes.episodes} if guard_metric(src.task) == "cosine" else {}),
             "passed": final is not None and (job.max_drop is None or final.drop <= job.max_drop),
             "fidelity": final.as_dict() if final else None,
             "fidelity_all_quantized": first.as_dict() if first else None,
