@@ -65,7 +65,7 @@ def quantize(
     threads: Annotated[int, Opt(help="ONNX Runtime threads for evaluation and timing")] = 2,
     overwrite: Annotated[bool, Opt(help="replace an existing version")] = False,
     min_cosine: Annotated[float, Opt(help="embed models: smallest mean cosine similarity of int8 to fp32 "
-                                          "embeddings (selection set, then held-out set)")] = 0.98,
+                                          "embeddings (selection set, then held-out set)")] = 0.97,
     max_oneshot_drop: Annotated[float, Opt(help="embed models: largest drop of held-out N-way 1-shot accuracy "
                                                 "(fraction: 0.02 = 2 points)")] = 0.02,
     ways: Annotated[int, Opt(help="embed models: classes per one-shot episode")] = 5,
@@ -151,7 +151,7 @@ def quantize(
         job = QuantizeJob(
             source=entry, repository=repository, name=name or f"{entry.manifest.name}_int8",
             calibration=cal, evaluation=ev, settings=settings,
-            max_drop=None if no_guard else (1.0 - min_cosine if embed else max_drop),
+            max_drop=None if no_guard else (round(1.0 - min_cosine, 9) if embed else max_drop),
             max_excluded=max_excluded, version=version, overwrite=overwrite, threads=threads,
             derived_from=None if model.endswith(".onnx") else
             f"{entry.manifest.name}:{entry.manifest.version}", detect_eval=detect_eval, held_out=ho,
