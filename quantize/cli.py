@@ -38,7 +38,7 @@ def quantize(
     held_out_images: Annotated[Optional[Path], Opt(help="detectors: the images of the --held-out json")] = None,
     max_drop: Annotated[float, Opt(help="largest allowed drop (fraction): accuracy with labels, else "
                                         "top-1 disagreement on confident images; detectors: absolute "
-                                        "mAP@0.5 (0.01 = 1 point)")] = 0.01,
+                                        "mAP@0.5 (0.01 = 1 point); embed models: see --min-cosine")] = 0.01,
     target: Annotated[str, Opt(help="auto, x86-novnni, x86-vnni, arm or tensorrt")] = "auto",
     method: Annotated[str, Opt(help="auto (nncf where the target takes it), nncf (MinMax + bias correction), "
                                     "or ONNX Runtime's minmax, entropy, percentile")] = "auto",

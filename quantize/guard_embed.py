@@ -19,12 +19,16 @@ each crop came from (identifying which photo a crop shows, as docs/embeddings.md
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .evaluate_embed import Episodes, episode_accuracies
 from .heldout import LEVEL, REPS, bootstrap_ci
+from .int8 import QuantizeError
+
+log = logging.getLogger("visionserve.quantize")
 
 COSINE_KIND = "cosine shortfall (1 − mean cosine to fp32)"
 LOW_PERCENTILE = 5
@@ -187,3 +191,28 @@ def embed_held_out(ref: np.ndarray, got: np.ndarray, classes: np.ndarray | None,
         # interval is a lower bound on the real uncertainty; the per-photo cosine intervals are the wider read)
         drop_ci = bootstrap_ci(pair[0] - pair[1])
     return EmbedHeldOut(f, mean_ci, p5_ci, drop_ci, source, len(set(groups)) if groups is not None else None)
+
+
+def gate(held: EmbedFidelity | None, selection: EmbedFidelity | None, max_drop: float | None,
+         max_oneshot_drop: float | None) -> None:
+    """Raise QuantizeError (nothing is written) when the held-out figures — or the selection set's, when there
+    is no held-out set — fall under ``1 - max_drop`` mean cosine or lose more than ``max_oneshot_drop`` one-shot
+    accuracy."""
+    f, where = (held, "held-out") if held is not None else (selection, "selection")
+    if f is None:
+        return
+    problems = []
+    if max_drop is not None and f.drop > max_drop:
+        problems.append(f"mean cosine to fp32 {f.cosine_mean:.4f} is under --min-cosine {1 - max_drop:g}")
+    if max_oneshot_drop is not None:
+        if f.oneshot_drop is None:
+            log.info("one-shot accuracy not measured (the %s images have no classes): --max-oneshot-drop unchecked",
+                     where)
+        elif f.oneshot_drop > max_oneshot_drop:
+            problems.append(f"{f.ways}-way 1-shot accuracy fell {100 * f.oneshot_drop:.2f} pt "
+                            f"({f.fp32_oneshot:.1%} → {f.int8_oneshot:.1%}), over --max-oneshot-drop "
+                            f"{max_oneshot_drop:g} ({100 * max_oneshot_drop:.2f} pt)")
+    if problems:
+        raise QuantizeError(f"the int8 embedding model fails the guard on the {where} images ({f.images}): "
+                            + "; ".join(problems) + ". Nothing was written. Try another --method, more "
+                            "calibration images, --min-cosine lower or --max-oneshot-drop higher.")

@@ -25,7 +25,7 @@ from .data import ImageSet, load_tensors, map_classes
 from .detect import DetectFidelity, check_quantizable, detect_fidelity, detector_float_nodes
 from .evaluate_embed import Episodes
 from .guard import Fidelity, activation_of, candidate_nodes, fidelity, guard_metric, rank_sensitive
-from .guard_embed import EmbedFidelity, EmbedHeldOut, embed_fidelity, embed_held_out, one_shot_classes
+from .guard_embed import EmbedFidelity, EmbedHeldOut, embed_fidelity, embed_held_out, gate, one_shot_classes
 from .heldout import HeldOut, held_out
 from .int8 import QuantizeError, Settings, calibrate, preprocess_model, quantize_with
 from .measure import predict, session
@@ -199,8 +199,9 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
                 rank_on = quantize_with(pre, work / "rank-ort.onnx", s_ort, c.cache)
             final_path, final, excluded, steps = _fall_back(job, pre, rank_on, first, cal, attempt, work, steps)
         report = _held_out(job, final_path, ho, None if embed else targets_of(job.held_out, m, job.source.model_path))
-        if embed:
-            _embed_gate(job, final, report)
+        if embed:  # the held-out figures accept or refuse (quantize/guard_embed.py)
+            gate(report.fidelity if isinstance(report, EmbedHeldOut) else None,
+                 final if isinstance(final, EmbedFidelity) else None, job.max_drop, job.max_oneshot_drop)
         size = {"fp32_bytes": job.source.model_path.stat().st_size, "int8_bytes": final_path.stat().st_size,
                 "slim": slimmed.get(final_path, {})}
         size["ratio"] = round(int(size["int8_bytes"]) / int(size["fp32_bytes"]), 4)  # type: ignore[call-overload]
@@ -223,32 +224,6 @@ def targets_of(images: ImageSet | None, m: Manifest, model: Path) -> np.ndarray 
     n_out = session(model).get_outputs()[0].shape[-1]
     mapping = map_classes(images, m, n_out if isinstance(n_out, int) else 10**9)
     return np.asarray([mapping[t] for t in images.targets or []])
-
-
-def _embed_gate(job: QuantizeJob, selection: AnyFidelity | None,
-                report: HeldOut | DetectFidelity | EmbedHeldOut | None) -> None:
-    """Refuse an embedding model whose held-out cosine or one-shot accuracy is out of bounds (nothing written)."""
-    f = report.fidelity if isinstance(report, EmbedHeldOut) else None
-    where = "held-out"
-    if f is None and isinstance(selection, EmbedFidelity):
-        f, where = selection, "selection"  # no held-out set: the selection set is all there is
-    if f is None:
-        return
-    problems = []
-    if job.max_drop is not None and f.drop > job.max_drop:
-        problems.append(f"mean cosine to fp32 {f.cosine_mean:.4f} is under --min-cosine {1 - job.max_drop:g}")
-    if job.max_oneshot_drop is not None:
-        if f.oneshot_drop is None:
-            log.info("one-shot accuracy not measured (the %s images have no classes): --max-oneshot-drop unchecked",
-                     where)
-        elif f.oneshot_drop > job.max_oneshot_drop:
-            problems.append(f"{f.ways}-way 1-shot accuracy fell {100 * f.oneshot_drop:.2f} pt "
-                            f"({f.fp32_oneshot:.1%} → {f.int8_oneshot:.1%}), over --max-oneshot-drop "
-                            f"{job.max_oneshot_drop:g} ({100 * job.max_oneshot_drop:.2f} pt)")
-    if problems:
-        raise QuantizeError(f"the int8 embedding model fails the guard on the {where} images ({f.images}): "
-                            + "; ".join(problems) + ". Nothing was written. Try another --method, more "
-                            "calibration images, --min-cosine lower or --max-oneshot-drop higher.")
 
 
 def _held_out(job: QuantizeJob, model: Path, ho: np.ndarray | None, targets: np.ndarray | None

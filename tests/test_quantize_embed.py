@@ -98,26 +98,22 @@ def test_a_failing_embed_guard_refuses_and_writes_nothing(repo: Path, flags: lis
 
 def test_the_held_out_figures_gate_too() -> None:
     # the selection set decides what stays in float; the held-out set can still refuse the result
-    from quantize.evaluate_embed import Episodes
-    from quantize.guard_embed import EmbedFidelity, EmbedHeldOut
+    from quantize.guard_embed import EmbedFidelity, gate
     from quantize.int8 import QuantizeError
-    from quantize.pipeline import QuantizeJob, _embed_gate
 
-    job = QuantizeJob(source=None, repository=Path("."), name="x", calibration=None, evaluation=None,  # type: ignore[arg-type]
-                      settings=None, max_drop=0.02, max_oneshot_drop=0.02, episodes=Episodes())  # type: ignore[arg-type]
     good_sel = EmbedFidelity(100, 0.995, 0.99, 0.98, 0.8, 0.8, 5, 100)
 
-    def held(cos: float, fp32: float, int8: float) -> EmbedHeldOut:
-        return EmbedHeldOut(EmbedFidelity(100, cos, cos - 0.01, cos - 0.02, fp32, int8, 5, 100),
-                            (cos - 0.001, cos + 0.001), (0.9, 0.95), (0.0, 0.01), "t", None)
+    def held(cos: float, fp32: float, int8: float) -> EmbedFidelity:
+        return EmbedFidelity(100, cos, cos - 0.01, cos - 0.02, fp32, int8, 5, 100)
 
-    _embed_gate(job, good_sel, held(0.99, 0.80, 0.79))  # inside both budgets
+    gate(held(0.99, 0.80, 0.79), good_sel, 0.02, 0.02)  # inside both budgets
     with pytest.raises(QuantizeError, match=r"held-out.*under --min-cosine 0.98"):
-        _embed_gate(job, good_sel, held(0.97, 0.80, 0.80))
+        gate(held(0.97, 0.80, 0.80), good_sel, 0.02, 0.02)
     with pytest.raises(QuantizeError, match=r"held-out.*fell 5.00 pt"):
-        _embed_gate(job, good_sel, held(0.99, 0.80, 0.75))
+        gate(held(0.99, 0.80, 0.75), good_sel, 0.02, 0.02)
     with pytest.raises(QuantizeError, match=r"selection.*fell"):  # no held-out set: the selection set gates
-        _embed_gate(job, EmbedFidelity(100, 0.995, 0.99, 0.98, 0.8, 0.7, 5, 100), None)
+        gate(None, EmbedFidelity(100, 0.995, 0.99, 0.98, 0.8, 0.7, 5, 100), 0.02, 0.02)
+    gate(held(0.5, 0.9, 0.1), good_sel, None, None)  # --no-guard: nothing to check
 
 
 def test_bad_embed_guard_options_fail_clearly(repo: Path) -> None:
