@@ -9,9 +9,10 @@ pen width. Each instance is drawn as a binary 32×32 bitmap, scaled to fill the 
 optdigits bitmaps were normalised, and reduced to 8×8 exactly as ``load_digits`` was made: the number of
 ink pixels in each non-overlapping 4×4 block (0–16).
 
-Nothing here renders a font or draws a digit on purpose: templates are random strokes. Some of thousands
-of random templates will resemble some digit by chance (a single straight stroke looks like a 1, a closed
-loop like a 0); the training script may filter those against the *training* digits 0–4 only.
+Nothing here renders a font or draws a digit: templates are random strokes. Among thousands of random
+templates some will look like some digit by chance (one straight stroke like a 1, a closed loop like a 0,
+a loop on a stem like a 6 or a 9); that is chance, not construction, and nothing filters them (a filter
+would have to compare against digit images).
 """
 
 from __future__ import annotations
