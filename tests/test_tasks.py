@@ -65,7 +65,7 @@ def test_convert_embed_cuts_pools_and_normalises_in_the_graph(tmp_path: Path) ->
     assert m.provenance.parity is not None and m.provenance.parity.max_abs_error < 1e-3
     sess = ort.InferenceSession(str(tmp_path / "cut" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"input": np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)})[0]
-    assert out.shape == (3, 48)  # the 2nd block's 48 channels, average-pooled
+    assert out.shape == (3, 64)  # the 2nd block's 64 channels, average-pooled
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
@@ -88,7 +88,8 @@ def test_evaluate_reports_n_way_one_shot_accuracy(tmp_path: Path) -> None:
 
     result = json.loads(out.read_text())
     assert (result["task"], result["ways"], result["shots"], result["episodes"]) == ("embed", 5, 1, 200)
-    # digits 5-9, never trained on: far above chance (0.2), short of the 0.9 (docs/embeddings.md)
-    assert 0.6 <= result["accuracy"] <= 1.0 and 0 < result["std"] < 0.2
+    # digits 5-9, never trained on: far above chance (0.2) and raw pixels (0.74), short of the 0.9
+    # (0.84 over 500 episodes, docs/embeddings.md)
+    assert 0.75 <= result["accuracy"] <= 1.0 and 0 < result["std"] < 0.2
     assert result["min"] <= result["accuracy"] <= result["max"]
     assert f"accuracy: {result['accuracy']}" in r.stdout
