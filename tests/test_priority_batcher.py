@@ -66,7 +66,7 @@ def test_queued_live_items_run_before_older_background_items_and_never_share_a_b
     async def main() -> Engine:
         engine = Engine()
         engine.hold_live = True
-        b = Batcher([engine], max_batch_size=4, background_options=Options)
+        b = Batcher([engine], max_batch_size=4, background_options=Options, background_batch=4)
         b.start()
         first = asyncio.create_task(b.submit(item(0)))
         await started(engine)  # the engine is busy with a live batch
@@ -91,7 +91,7 @@ def test_a_live_arrival_preempts_running_background_work_which_then_finishes() -
     async def main() -> tuple[Engine, Batcher]:
         engine = Engine()
         engine.hold_background = True
-        b = Batcher([engine], max_batch_size=4, background_options=Options)
+        b = Batcher([engine], max_batch_size=4, background_options=Options, background_batch=4)
         b.start()
         background = [asyncio.create_task(b.submit(item(100 + v), background=True)) for v in range(3)]
         await started(engine)  # a background batch is running (held)
@@ -180,10 +180,12 @@ def test_stop_runs_every_accepted_background_item() -> None:
 @pytest.mark.skipif(not hasattr(os, "getpriority") or not sys.platform.startswith("linux"), reason="Linux threads")
 def test_background_batches_run_on_threads_of_the_lowest_os_priority() -> None:
     seen: dict[str, int] = {}
+    policy: dict[str, int] = {}
 
     def engine(batch: np.ndarray, options: Options | None = None) -> list[np.ndarray]:
-        seen["background" if options is not None else "live"] = os.getpriority(os.PRIO_PROCESS,
-                                                                               threading.get_native_id())
+        kind = "background" if options is not None else "live"
+        seen[kind] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        policy[kind] = os.sched_getscheduler(threading.get_native_id())
         return [batch]
 
     async def main() -> None:
@@ -195,3 +197,4 @@ def test_background_batches_run_on_threads_of_the_lowest_os_priority() -> None:
 
     run(main())
     assert seen["background"] == 19 and seen["live"] == os.getpriority(os.PRIO_PROCESS, 0)
+    assert policy["background"] == os.SCHED_IDLE and policy["live"] == os.sched_getscheduler(0)
