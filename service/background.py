@@ -13,7 +13,8 @@
   a normal thread that wakes on their core preempts them at once). Each such thread assembles its batch in a
   buffer it keeps (no fresh 2.4 MB array per batch, whose allocation and copy held the GIL: a thread at the
   lowest priority that holds the GIL stalls the event loop, py-spy showed np.stack there), and prepare
-  functions that can (``prepare.into(item, out)``) write the tensor into it directly.
+  functions that can (``prepare.into(item, out)``, with ``prepare.shape`` and ``prepare.dtype``) write the
+  tensor into it directly.
 """
 
 from __future__ import annotations
@@ -198,12 +199,14 @@ class BackgroundLane:
             t0 = time.perf_counter()
             try:
                 into = getattr(w.prepare, "into", None)
-                if into is not None and buf is not None:
+                if into is not None:  # it says what it makes: write it in place
+                    if buf is None:
+                        buf = self._buffer(len(live), w.prepare.shape, w.prepare.dtype)  # type: ignore[union-attr]
                     extras.append(into(w.item, buf[n]))
                 else:
                     tensor, extra = w.prepare(w.item) if w.prepare is not None else (w.item, None)
                     if buf is None:
-                        buf = self._buffer(len(live), tensor)
+                        buf = self._buffer(len(live), tensor.shape, tensor.dtype)
                     np.copyto(buf[n], tensor)
                     extras.append(extra)
                 n += 1
@@ -214,10 +217,10 @@ class BackgroundLane:
                     prepare_s.append(time.perf_counter() - t0)
         return None if buf is None or n == 0 else buf[:n]
 
-    def _buffer(self, n: int, like: np.ndarray) -> np.ndarray:
+    def _buffer(self, n: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         buf = self._buffers.batch
-        if buf is None or buf.shape[0] < n or buf.shape[1:] != like.shape or buf.dtype != like.dtype:
-            buf = self._buffers.batch = np.empty((max(n, self.background_batch), *like.shape), like.dtype)
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != tuple(shape) or buf.dtype != dtype:
+            buf = self._buffers.batch = np.empty((max(n, self.background_batch), *shape), dtype)
         return buf
 
 

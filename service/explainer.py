@@ -184,6 +184,7 @@ class _Masked:
 
     def __init__(self, tensor: np.ndarray, masks: Masks, layout: str) -> None:
         self.tensor, self.masks, self.layout = tensor, masks, layout
+        self.shape, self.dtype = tensor.shape, tensor.dtype
 
     def __call__(self, i: int) -> tuple[np.ndarray, None]:
         return apply(self.tensor, self.masks(i), self.layout), None
