@@ -144,8 +144,12 @@ def interference(url: str, model: str, method: str, load: str, duration: float, 
                     f"{pooled[name]:.1f} | {statistics.median(r['latency_ms']['p99'] for r in runs):.1f} | {each} | "
                     f"{wait} |")
     p_a, p_b = pooled.values()
-    rows.append(f"\nlive p99 ratio (beside / alone, pooled): {p_b / p_a:.3f}; explanations finished beside the live "
-                f"load: {statistics.median(finished):.2f} per second")
+    # each round's beside / alone: the two halves of a round share the machine's mood, rounds far apart may not
+    paired = sorted(b["latency_ms"]["p99"] / a["latency_ms"]["p99"] for a, b in zip(alone, with_))
+    q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+    rows.append(f"\nlive p99 ratio (beside / alone, pooled): {p_b / p_a:.3f}; median of the rounds' own ratios: "
+                f"{statistics.median(paired):.3f} (quartiles {q1:.3f}-{q3:.3f}); explanations finished beside the "
+                f"live load: {statistics.median(finished):.2f} per second")
     return rows
 
 

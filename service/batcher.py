@@ -16,10 +16,11 @@
   find the engine idle for an instant between batches, and sending those to the solo session cost 13 %
   throughput (142 vs 164 req/s, MobileNetV2 fp32, 2 cores).
 - Two priorities (``service/lanes.py``): live requests, and background work (the masked images of an
-  explanation). A worker takes background work only when no live request waits, never mixes the two in a
-  batch, and a live arrival terminates running background batches (ONNX Runtime's ``RunOptions.terminate``,
-  checked between operators) and puts their items back: live requests never wait behind an explanation, and
-  an idle engine still counts as idle for the solo session. Background items keep their deadlines.
+  explanation; ``service/background.py``). A worker takes background work only when no live request waits
+  and live work has been idle long enough (``Grace``), never mixes the two in a batch, and a live arrival
+  terminates running background batches (ONNX Runtime's ``RunOptions.terminate``, checked between operators)
+  and puts their items back: live requests never wait behind an explanation, and an idle engine still counts
+  as idle for the solo session. Background items keep their deadlines.
 - The workers are asyncio tasks that hand each batch to a thread. Worker threads that take their next batch
   themselves were tried: equal at 32 connections, 14-17 % slower at 4 (a worker woken by the first arrival
   leaves with a batch of one before the event loop has queued its neighbours).
@@ -31,9 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .background import BackgroundLane, Grace
 from .errors import DeadlineExceeded, Unavailable, VisionServeError
 from .lanes import STOP, Lanes
 
@@ -82,7 +81,7 @@ LOAD_ALPHA = 0.2  # weight of the newest arrival in the moving average of reques
 SOLO_BELOW = 1.5  # that average under which a lone request may take every core
 
 
-class Batcher:
+class Batcher(BackgroundLane):
     def __init__(
         self,
         runners: Sequence[RunBatch],
@@ -97,13 +96,12 @@ class Batcher:
         background_options: Callable[[], Any] | None = None,
         background_batch: int | None = None,
         max_background: int = 8192,
-        background_grace_s: float = 0.005,
+        grace: Grace | None = None,
     ) -> None:
         """``background_options`` makes run options whose ``terminate = True`` (set from another thread) stops a
         run, as ``onnxruntime.RunOptions`` does; with it, background batches run as ``runner(batch, options)``
         and are preempted by live arrivals. Without it, a background batch runs to its end. Background work
-        starts only once live work has been idle for ``background_grace_s``: a client that sends its next
-        request right after an answer finds the engine free, not busy with work it must first stop."""
+        starts only once live work has been idle as long as ``grace`` says (``service/background.py``)."""
         if not runners:
             raise ValueError("a batcher needs at least one runner")
         self.runners = list(runners)
@@ -114,38 +112,22 @@ class Batcher:
         self.split_outputs = split_outputs
         self.on_batch = on_batch
         self.name = name
-        self.background_options = background_options
-        self.background_batch = background_batch or max_batch_size
-        self.max_background = max_background
-        self.background_grace_s = background_grace_s
-        self._live_quiet_at = 0.0  # monotonic time from which background work may start
+        self._init_background(len(self.runners), name, background_options, background_batch, max_batch_size,
+                              max_background, grace)
         self._queue = Lanes(background_slots=len(self.runners), live_idle=self._live_idle)
         self._pending = 0  # accepted live items, not yet taken by a worker
-        self._background_pending = 0
-        self._background_runs: set[Any] = set()  # run options of the background batches running now
-        self._background_tasks: set[asyncio.Task[None]] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=len(self.runners), thread_name_prefix=f"infer-{name}")
-        # Background batches run on threads of their own at the lowest OS priority: whatever else wants the
-        # cores (the event loop parsing a live request, live inference, other processes) gets them first.
-        self._background_executor = ThreadPoolExecutor(max_workers=len(self.runners), initializer=_lowest_priority,
-                                                       thread_name_prefix=f"background-{name}")
         self._closed = False
         self._busy = 0  # workers running a batch
         self._in_system = 0  # submitted, not yet answered
         self._load = 0.0  # moving average of _in_system, sampled at each arrival
         self.solo_runs = 0
-        self.preemptions = 0  # background batches terminated for live work
 
     @property
     def depth(self) -> int:
         """Live items accepted and waiting for a worker."""
         return self._pending
-
-    @property
-    def background_depth(self) -> int:
-        """Background items accepted and waiting for a worker."""
-        return self._background_pending
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work(r), name=f"batcher-{self.name}-{i}")
@@ -165,6 +147,8 @@ class Batcher:
         if self._pending >= self.max_queue:
             raise Unavailable(f"model {self.name} is overloaded: {self._pending} requests queued")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._in_system == 0:
+            self.grace.live_arrived(time.monotonic())
         self._pending += 1
         self._in_system += 1
         self._load += LOAD_ALPHA * (self._in_system - self._load)
@@ -173,31 +157,10 @@ class Batcher:
             return await future
         finally:
             self._in_system -= 1
-
-    async def _submit_background(self, item: Any, deadline: float | None, prepare: Prepare | None) -> Any:
-        if self._background_pending >= self.max_background:
-            raise Unavailable(f"model {self.name} has {self._background_pending} background items queued")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._background_pending += 1
-        self._queue.put_background(_Work(item, future, deadline, prepare, background=True))
-        self._wake_after_grace()
-        return await future
-
-    def _wake_after_grace(self) -> None:
-        """Background work waits for live work's grace to pass: wake a worker when it has."""
-        wait = self._live_quiet_at - time.monotonic()
-        if wait > 0 and self._busy == 0:
-            asyncio.get_running_loop().call_later(wait + 0.0005, self._queue.wake)
-
-    def _live_idle(self) -> bool:
-        return self._busy == 0 and (self._closed or time.monotonic() >= self._live_quiet_at)
-
-    def _preempt(self) -> None:
-        """A live item arrived: stop every running background batch (each worker puts its items back)."""
-        for options in self._background_runs:
-            if not options.terminate:
-                options.terminate = True
-                self.preemptions += 1
+            if self._in_system == 0:
+                self.grace.live_left(time.monotonic())
+                if self._queue.background:
+                    self._wake_after_grace()
 
     async def stop(self) -> None:
         """Refuse new work, finish everything accepted, stop the workers."""
@@ -244,35 +207,6 @@ class Batcher:
             await asyncio.sleep(min(remaining, 0.0005))  # the lanes wake workers, not batches being gathered
             self._collect(batch)
 
-    def _start_background(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, first: _Work) -> None:
-        """Take a background batch and run it as a task of its own (its slot is taken before this returns)."""
-        lanes = self._queue
-        batch = [first]
-        while len(batch) < self.background_batch and lanes.background:
-            batch.append(lanes.background.popleft())
-        self._background_pending -= len(batch)
-        live = self._admit(batch)
-        if not live:
-            return
-        lanes.background_running += 1
-        task = loop.create_task(self._run_background(loop, runner, live))
-        self._background_tasks.add(task)
-        task.add_done_callback(self._background_tasks.discard)
-
-    async def _run_background(self, loop: asyncio.AbstractEventLoop, runner: RunBatch, live: list[_Work]) -> None:
-        lanes = self._queue
-        try:
-            await self._run(loop, runner, live, background=True)
-        except _Preempted:
-            for w in reversed(live):
-                if not w.future.done():
-                    self._background_pending += 1
-                    lanes.put_background(w, front=True)
-        finally:
-            lanes.background_running -= 1
-            lanes.wake()  # a background slot is free ...
-            self._wake_after_grace()  # ... or will be usable once live work's grace has passed
-
     def _admit(self, batch: list[_Work]) -> list[_Work]:
         now = time.monotonic()
         live = []
@@ -318,10 +252,6 @@ class Batcher:
                 self._background_runs.discard(options)
             if busy:
                 self._busy -= 1
-            if not background:
-                self._live_quiet_at = time.monotonic() + self.background_grace_s
-                if self._queue.background:
-                    self._wake_after_grace()
         elapsed = time.monotonic() - started - sum(prepare_s)
         ran = [w for w in live if id(w) not in failed]
         for w in live:
@@ -338,8 +268,15 @@ class Batcher:
     def _execute(self, runner: RunBatch, live: list[_Work], options: Any = None
                  ) -> tuple[Sequence[np.ndarray], list[Any], dict[int, BaseException], list[float]]:
         """On the worker's thread: prepare each item (a failure fails only that item), stack, run."""
-        tensors, extras, prepare_s = [], [], []
+        tensors: list[np.ndarray] = []
+        extras: list[Any] = []
+        prepare_s: list[float] = []
         failed: dict[int, BaseException] = {}
+        if live[0].background:  # into this thread's own buffer, see service/background.py
+            batch = self._stack_background(live, extras, failed, prepare_s)
+            if batch is None:
+                return [], [], failed, prepare_s
+            return self._infer(runner, batch, options, failed), extras, failed, prepare_s
         for w in live:
             if w.prepare is None:
                 tensors.append(w.item)
@@ -357,25 +294,18 @@ class Batcher:
             extras.append(extra)
         if not tensors:
             return [], [], failed, prepare_s
+        return self._infer(runner, np.stack(tensors), None, failed), extras, failed, prepare_s
+
+    def _infer(self, runner: RunBatch, batch: np.ndarray, options: Any, failed: dict[int, BaseException]
+               ) -> Sequence[np.ndarray]:
         try:
-            batch = np.stack(tensors)
             outputs = runner(batch) if options is None else runner(batch, options)  # type: ignore[call-arg]
             if self.split_outputs:
-                bad = [o.shape for o in outputs if o.shape[:1] != (len(tensors),)]
+                bad = [o.shape for o in outputs if o.shape[:1] != (len(batch),)]
                 if bad:
-                    raise InferenceFailed(f"model returned outputs {bad} for a batch of {len(tensors)}")
+                    raise InferenceFailed(f"model returned outputs {bad} for a batch of {len(batch)}")
         except Exception as e:
             e.item_errors = failed  # type: ignore[attr-defined]
             raise
-        return outputs, extras, failed, prepare_s
+        return outputs
 
-
-def _lowest_priority() -> None:
-    """Give the calling thread the lowest scheduling priority (nice 19). Linux only, where ``setpriority`` on
-    a thread id affects that thread alone; elsewhere it would renice the whole process, so it is skipped."""
-    if sys.platform != "linux":
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:  # not permitted here: background work still yields through the lanes and preemption
-        pass

@@ -123,28 +123,43 @@ class Rise(Masks):
         self.grids = (rng.random((count, cells + 1, cells + 1)) < keep).astype(np.float32)
         ch, cw = math.ceil(region.height / cells), math.ceil(region.width / cells)
         self.shifts = np.stack([rng.integers(0, ch, count), rng.integers(0, cw, count)], axis=1)
-        # separable bilinear upsampling of a (cells + 1)² grid to (cells + 1) cells of ch × cw pixels
-        self._ay = _linear((np.arange((cells + 1) * ch) + 0.5) / ch - 0.5, cells + 1)
-        self._ax = _linear((np.arange((cells + 1) * cw) + 0.5) / cw - 0.5, cells + 1)
+        # separable bilinear upsampling of a (cells + 1)² grid to (cells + 1) cells of ch × cw pixels, as dense
+        # matrices: mask = up_y[dy:dy + h] @ grid @ up_x[:, dx:dx + w]. einsum (its own loops, no BLAS threads)
+        # on these was 7x faster than gathering neighbours (0.22 vs 1.7 ms for one 224² resample).
+        self._up_y = _dense(_linear((np.arange((cells + 1) * ch) + 0.5) / ch - 0.5, cells + 1), cells + 1)
+        self._up_x = _dense(_linear((np.arange((cells + 1) * cw) + 0.5) / cw - 0.5, cells + 1), cells + 1).T
 
     def __call__(self, i: int) -> np.ndarray:
         r = self.region
         dy, dx = self.shifts[i]
-        ys = tuple(a[dy:dy + r.height] for a in self._ay)
-        xs = tuple(a[dx:dx + r.width] for a in self._ax)
+        rows = np.einsum("yc,cd->yd", self._up_y[dy:dy + r.height], self.grids[i])
         m = np.ones((self.height, self.width), dtype=np.float32)
-        m[r.y0:r.y1, r.x0:r.x1] = _resample(_resample(self.grids[i], ys, 0), xs, 1)
+        m[r.y0:r.y1, r.x0:r.x1] = np.einsum("yd,dx->yx", rows, self._cols(dx))
         return m
 
+    def _cols(self, dx: int) -> np.ndarray:
+        # contiguous: einsum over the strided slice was 5x slower (0.30 vs 0.06 ms)
+        return np.ascontiguousarray(self._up_x[:, dx:dx + self.region.width])
+
     def saliency(self, scores: np.ndarray, base: float) -> np.ndarray:
+        """Σ (score − mean) · mask ÷ Σ mask, per pixel. Upsampling is linear, so the masks that share a column
+        shift are summed at the grid's column resolution and upsampled along the columns once per shift (~30
+        full-size products instead of one per mask: RISE's 128 masks 90 → 10 ms on a busy machine). Outside
+        the region every mask is 1 and the centred scores sum to 0: the map reads 0 there."""
         centred = scores.astype(np.float64) - float(np.mean(scores))
-        total = np.zeros((self.height, self.width), dtype=np.float64)
-        kept = np.zeros((self.height, self.width), dtype=np.float64)
-        for i, s in enumerate(centred):
-            m = self(i)
-            total += s * m
-            kept += m
-        return total / np.maximum(kept, 1e-6)
+        r = self.region
+        rows_at = self.shifts[:, :1] + np.arange(r.height)  # each mask's rows of up_y
+        rows = np.einsum("kyc,kcd->kyd", self._up_y[rows_at].astype(np.float64), self.grids)
+        total = np.zeros((r.height, r.width), dtype=np.float64)
+        kept = np.zeros((r.height, r.width), dtype=np.float64)
+        for dx in np.unique(self.shifts[:, 1]):
+            same = self.shifts[:, 1] == dx
+            up_x = self._cols(dx).astype(np.float64)
+            total += np.einsum("yd,dx->yx", np.einsum("k,kyd->yd", centred[same], rows[same]), up_x)
+            kept += np.einsum("yd,dx->yx", rows[same].sum(axis=0), up_x)
+        out = np.zeros((self.height, self.width), dtype=np.float64)
+        out[r.y0:r.y1, r.x0:r.x1] = total / np.maximum(kept, 1e-6)
+        return out
 
 
 def _starts(origin: int, length: int, patch: int, stride: int) -> list[int]:
@@ -169,6 +184,16 @@ def _linear(pos: np.ndarray, n: int) -> Axis:
     return lo, hi, (p - lo).astype(np.float32), inside
 
 
+def _dense(axis_: Axis, n: int) -> np.ndarray:
+    """The interpolation of an axis as a matrix: positions × ``n`` samples (two weights per row)."""
+    lo, hi, w, _ = axis_
+    m = np.zeros((len(lo), n), dtype=np.float32)
+    rows = np.arange(len(lo))
+    np.add.at(m, (rows, lo), 1 - w)
+    np.add.at(m, (rows, hi), w)
+    return m
+
+
 def _resample(a: np.ndarray, axis_: Axis, axis: int) -> np.ndarray:
     """``a`` interpolated along ``axis``. Gathers and multiplies, no BLAS: numpy's threaded BLAS on small
     matrices was 17x slower here, spinning threads beside the inference workers."""
@@ -178,9 +203,9 @@ def _resample(a: np.ndarray, axis_: Axis, axis: int) -> np.ndarray:
     return a[:, lo] * (1 - w) + a[:, hi] * w  # type: ignore[no-any-return]
 
 
-def apply(tensor: np.ndarray, mask: np.ndarray, layout: str) -> np.ndarray:
+def apply(tensor: np.ndarray, mask: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.ndarray:
     """The tensor with hidden pixels set to 0 (the normalised mean colour); one image, no batch axis."""
-    return tensor * (mask[None] if layout == "NCHW" else mask[..., None])
+    return np.multiply(tensor, mask[None] if layout == "NCHW" else mask[..., None], out=out)
 
 
 def to_original(saliency: np.ndarray, geometry: Geometry, rows: int, cols: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def test_queued_live_items_run_before_older_background_items_and_never_share_a_b
     async def main() -> Engine:
         engine = Engine()
         engine.hold_live = True
-        b = Batcher([engine], max_batch_size=4, background_options=Options)
+        b = Batcher([engine], max_batch_size=4, background_options=Options, background_batch=4)
         b.start()
         first = asyncio.create_task(b.submit(item(0)))
         await started(engine)  # the engine is busy with a live batch
@@ -91,7 +92,7 @@ def test_a_live_arrival_preempts_running_background_work_which_then_finishes() -
     async def main() -> tuple[Engine, Batcher]:
         engine = Engine()
         engine.hold_background = True
-        b = Batcher([engine], max_batch_size=4, background_options=Options)
+        b = Batcher([engine], max_batch_size=4, background_options=Options, background_batch=4)
         b.start()
         background = [asyncio.create_task(b.submit(item(100 + v), background=True)) for v in range(3)]
         await started(engine)  # a background batch is running (held)
@@ -180,10 +181,12 @@ def test_stop_runs_every_accepted_background_item() -> None:
 @pytest.mark.skipif(not hasattr(os, "getpriority") or not sys.platform.startswith("linux"), reason="Linux threads")
 def test_background_batches_run_on_threads_of_the_lowest_os_priority() -> None:
     seen: dict[str, int] = {}
+    policy: dict[str, int] = {}
 
     def engine(batch: np.ndarray, options: Options | None = None) -> list[np.ndarray]:
-        seen["background" if options is not None else "live"] = os.getpriority(os.PRIO_PROCESS,
-                                                                               threading.get_native_id())
+        kind = "background" if options is not None else "live"
+        seen[kind] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        policy[kind] = os.sched_getscheduler(threading.get_native_id())
         return [batch]
 
     async def main() -> None:
@@ -195,3 +198,43 @@ def test_background_batches_run_on_threads_of_the_lowest_os_priority() -> None:
 
     run(main())
     assert seen["background"] == 19 and seen["live"] == os.getpriority(os.PRIO_PROCESS, 0)
+    assert policy["background"] == os.SCHED_IDLE and policy["live"] == os.sched_getscheduler(0)
+
+
+def test_background_items_are_prepared_into_a_buffer_each_thread_keeps() -> None:
+    class Masked:
+        """A prepare function that can also write its tensor into a given array."""
+
+        shape, dtype = (2,), np.float32
+
+        def __init__(self) -> None:
+            self.called, self.into_called = 0, 0
+
+        def __call__(self, v: float) -> tuple[np.ndarray, None]:
+            self.called += 1
+            return item(v), None
+
+        def into(self, v: float, out: np.ndarray) -> None:
+            self.into_called += 1
+            out[:] = item(v)
+
+    seen: list[np.ndarray] = []
+
+    def engine(batch: np.ndarray, options: Options | None = None) -> list[np.ndarray]:
+        seen.append(batch)
+        return [batch * 2]
+
+    async def main() -> list[Any]:
+        b = Batcher([engine], max_batch_size=4, background_options=Options, background_batch=3)
+        b.start()
+        masked = Masked()
+        results = await asyncio.gather(*(b.submit(100.0 + v, prepare=masked, background=True) for v in range(6)))
+        await b.stop()
+        assert (masked.called, masked.into_called) == (0, 6)  # every tensor written in place
+        return results
+
+    results = run(main())
+    for (outputs, _), v in zip(results, range(6)):
+        np.testing.assert_allclose(outputs[0], item(100.0 + v) * 2)
+    assert [b.shape[0] for b in seen] == [3, 3]
+    assert seen[0].base is not None and seen[0].base is seen[1].base  # one buffer, reused
