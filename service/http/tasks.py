@@ -1,22 +1,25 @@
-"""The native route of a plug-in task, written once: ``POST /v1/models/{model}[/versions/{v}]/<route>``.
+"""The native route of every task, written once: ``POST /v1/models/{model}[/versions/{v}]/<route>``.
 
-Every task route does the same steps — model lookup, task check, parameter check, deadline, metrics, body,
-batched inference (the API key is checked in front of every route: ``auth.ApiKeyMiddleware``) — and differs
-only in ``Task.params`` (its query parameters, validated by FastAPI: 422 on a bad one) and ``Task.answer``.
+Every task route does the same steps — the preamble (model lookup, deadline, admission, metrics:
+``common.admitted``; the API key is checked in front of every route: ``auth.ApiKeyMiddleware``), the task
+check, the parameter check, the body, batched inference — and differs only in ``Task.params`` (its query
+parameters, validated by FastAPI: 422 on a bad one), ``Task.check``, ``Task.answer`` and, for an answer that
+is not JSON, ``Task.render``.
 (No ``from __future__ import annotations`` here: the handler's annotations name the task's own classes,
 which FastAPI must see as objects.)
 """
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..dataplane import DataPlane
 from ..errors import InvalidParameter
 from ..registry import LoadedModel
 from ..tasks.base import Task
-from .common import dataplane, deadline
+from .common import admitted
 from .native import _BODY, image_from_request
 
 
@@ -39,15 +42,18 @@ def task_router(task: Task) -> APIRouter:
     router = APIRouter(tags=[task.name])
 
     async def handle(request: Request, model: str, params: Annotated[task.params, Query()],  # type: ignore[name-defined]
-                     version: str | None = None) -> JSONResponse:
-        dp = dataplane(request)
-        m = dp.model(model, version)
-        require_task(m, task.name)
-        task.check(params, dp.settings)
-        due = deadline(request)
-        async with dp.track(m, task.route):
+                     version: str | None = None) -> Response:
+        async with admitted(request, model, version, task.route) as (dp, m, due):
+            # counted (outcome invalid_parameter) but refused before the body is read
+            require_task(m, task.name)
+            task.check(params, dp.settings)
             data = await image_from_request(request)
-            return JSONResponse(await run_task(dp, task, m, data, params, due))  # plain JSON, no re-encoding
+            result = await run_task(dp, task, m, data, params, due)
+            media_type = task.render_type(params)
+            if media_type is None:
+                return JSONResponse(result)  # plain JSON: skips FastAPI's re-encoding through response_model
+        body = await asyncio.get_running_loop().run_in_executor(None, task.render, data, result, params)
+        return Response(body, media_type=media_type)
 
     extra = {"openapi_extra": {"requestBody": _BODY}, "response_model": task.response}
     router.add_api_route(f"/v1/models/{{model}}/{task.route}", handle, methods=["POST"], summary=task.summary,
