@@ -13,6 +13,7 @@ from service.cli_util import fail
 
 Opt = typer.Option
 Arg = typer.Argument
+GUARDED_METRICS = ("top1", "map50")  # the Task.guard_metric values quantize's accuracy guard measures
 
 
 def _setup_logging() -> None:
@@ -70,6 +71,7 @@ def quantize(
     from pydantic import ValidationError
 
     from service.repository import RepositoryError
+    from service.tasks import TASKS
 
     from .data import DatasetError, hold_out, open_set
     from .int8 import QuantizeError, detect_target, settings_for
@@ -80,9 +82,10 @@ def quantize(
         label_list = [s.strip() for s in labels.read_text().splitlines() if s.strip()] if labels else None
         entry = resolve(model, repository, label_list)
         detect = entry.manifest.task == "detect"
-        if entry.manifest.task not in ("classify", "detect"):
-            fail(f"quantize handles classifiers and detectors; {entry.manifest.name} is a "
-                 f"{entry.manifest.task} model")
+        metric = TASKS[entry.manifest.task].guard_metric  # what the accuracy guard must measure
+        if metric not in GUARDED_METRICS:
+            fail(f"quantize guards {', '.join(GUARDED_METRICS)} (classifiers and detectors); {entry.manifest.name} "
+                 f"is a {entry.manifest.task} model, whose guard metric {metric!r} it does not measure yet")
         if detect:
             from .detect import check_quantizable
 
