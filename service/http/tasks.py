@@ -18,15 +18,18 @@ from fastapi.responses import JSONResponse, Response
 from ..dataplane import DataPlane
 from ..errors import InvalidParameter
 from ..registry import LoadedModel
+from ..tasks import TASKS
 from ..tasks.base import Task
 from .common import admitted
 from .native import _BODY, image_from_request
 
 
 def require_task(model: LoadedModel, task: str) -> None:
-    if model.manifest.task != task:
-        raise InvalidParameter(f"model {model.name} is a {model.manifest.task} model, not {task}; "
-                               f"use /{model.manifest.task}")
+    """Refuse (422) a model of another task, naming the route that serves it."""
+    its = model.manifest.task
+    if its != task:
+        route = TASKS[its].route if its in TASKS else its
+        raise InvalidParameter(f"model {model.name} is a {its} model, not {task}; use /{route}")
 
 
 async def run_task(dp: DataPlane, task: Task, m: LoadedModel, data: bytes, params: Any,
