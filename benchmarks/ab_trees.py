@@ -4,7 +4,9 @@ Serves ``--repository`` from the baseline tree (A, e.g. ``git -C /work/main arch
 and from the candidate tree (B, default: this one), both at once on two ports (an idle server costs nothing),
 and drives them in turn with ``visionserve loadtest`` (closed loop) — A B A B … for every target, ``--runs``
 times — so that drift in the machine's load falls on both alike. Prints the medians and the ratio B / A per
-target; not a test: read the ratios, and the spread of the runs beside them.
+target of throughput, latency and the server process's CPU time per request (its own user + system time ÷
+the requests it counted: the least sensitive to other processes on a shared machine). Not a test: read the
+ratios, and the spread of the runs beside them.
 
     .venv/bin/python benchmarks/ab_trees.py --baseline /tmp/a --repository model_repository \\
         --targets classify:mobilenet_v2,detect:shapes_detector --runs 3 --duration 6 --concurrency 8
@@ -71,15 +73,32 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def load(url: str, kind: str, model: str, args: argparse.Namespace, out: Path) -> dict:
-    """One closed-loop run of the candidate tree's load generator against ``url``."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, every thread of it (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def answered(url: str) -> float:
+    """Requests the server has counted (``visionserve_requests_total``, every label)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("visionserve_requests_total{"))
+
+
+def load(url: str, pid: int, kind: str, model: str, args: argparse.Namespace, out: Path) -> dict:
+    """One closed-loop run of the candidate tree's load generator against ``url``, and the server's CPU time
+    per request over it (warm-up included: CPU time and the server's request count cover the same span)."""
+    cpu0, n0 = cpu_seconds(pid), answered(url)
     cmd = [sys.executable, "-m", "service", "loadtest", url, "--model", model, "--kind", kind, "--image",
            str(args.image), "--concurrency", str(args.concurrency), "--duration", str(args.duration),
            "--warmup", str(args.warmup), "--json", str(out), "-q", "--no-metrics"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
                    timeout=args.duration + args.warmup + 60)
+    cpu1, n1 = cpu_seconds(pid), answered(url)
     data = json.loads(out.read_text())
     return {"rps": data["throughput_rps"], "p50": data["latency_ms"]["p50"], "p99": data["latency_ms"]["p99"],
+            "cpu_ms": 1000 * (cpu1 - cpu0) / max(n1 - n0, 1),
             "errors": sum((data.get("errors") or {}).values())}
 
 
@@ -109,20 +128,23 @@ def main() -> None:
                 for kind, model in targets:
                     # alternate which tree goes first, so neither always follows the other
                     for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                        r = load(servers[name][1], kind, model, args, Path(tmp) / f"{name}-{kind}-{i}.json")
+                        proc, url = servers[name]
+                        r = load(url, proc.pid, kind, model, args, Path(tmp) / f"{name}-{kind}-{i}.json")
                         runs[f"{kind}:{model}"][name].append(r)
                         print(f"run {i + 1} {kind}:{model} {name}: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, "
-                              f"p99 {r['p99']:.1f} ms, errors {r['errors']}", flush=True)
+                              f"p99 {r['p99']:.1f} ms, server CPU {r['cpu_ms']:.2f} ms/request, errors {r['errors']}",
+                              flush=True)
         finally:
             for proc, _ in servers.values():
                 stop(proc)
     print(f"\nA = {trees['A']}\nB = {trees['B']}\nmedians of {args.runs} alternated runs, c={args.concurrency}, "
           f"{args.duration:g} s each\n")
-    print("| target | A req/s | B req/s | B/A | A p50 ms | B p50 ms | B/A | A p99 ms | B p99 ms | B/A |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| target | A req/s | B req/s | B/A | A p50 ms | B p50 ms | B/A | A p99 ms | B p99 ms | B/A "
+          "| A CPU ms/req | B CPU ms/req | B/A |")
+    print("| --- |" + " ---: |" * 12)
     for target, by in runs.items():
         row = [target]
-        for key in ("rps", "p50", "p99"):
+        for key in ("rps", "p50", "p99", "cpu_ms"):
             a = statistics.median(r[key] for r in by["A"])
             b = statistics.median(r[key] for r in by["B"])
             row += [f"{a:.1f}", f"{b:.1f}", f"{b / a:.3f}"]

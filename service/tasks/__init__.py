@@ -43,15 +43,12 @@ def section_for(kind: object) -> type[Section] | None:
     return task.section if task is not None else None
 
 
-def routers() -> list[Any]:
-    """Every task's native route and extra routes, for ``app.include_router``."""
+def routers() -> tuple[list[Any], list[Any]]:
+    """Every task's native route, and the extra routes tasks bring, for ``app.include_router``. The app
+    includes the native routes before any other: the router tries routes in order, and these are the hot ones."""
     from ..http.tasks import task_router
 
-    out: list[Any] = []
-    for task in TASKS.values():
-        out.append(task_router(task))
-        out.extend(task.routers())
-    return out
+    return [task_router(t) for t in TASKS.values()], [r for t in TASKS.values() for r in t.routers()]
 
 
 for _name in BUILT_IN:
