@@ -5,7 +5,8 @@ swings by ±50 % from one run to the next. This measures only what a change to t
 the tasks can change: requests sent one at a time through the ASGI app (``httpx.ASGITransport``: no sockets, no
 uvicorn) to models whose inference is small — a 16×16 convolution classifier built here, and the repository's
 detector, if given — and the process's CPU time (every thread: decode, batcher, ONNX Runtime, handler) per
-request. Each tree runs in its own process, alternated A B A B over ``--rounds``; medians.
+request. Each tree runs in its own process, alternated A B B A A B … over ``--rounds``; medians, and the median
+of each round's ratio.
 
     .venv/bin/python benchmarks/request_path.py --baseline /tmp/main-tree [--detector REPO/shapes_detector]
 
@@ -109,14 +110,18 @@ def main() -> None:
                           "per request", flush=True)
     print(f"\nA = {trees['A']}\nB = {trees['B']}\nmedians of {args.rounds} alternated rounds of {args.requests} "
           "sequential requests, in-process\n")
-    print("| target | A CPU µs/req | B CPU µs/req | B/A | A wall µs/req | B wall µs/req | B/A |")
-    print("| --- |" + " ---: |" * 6)
+    # B/A of the medians, and the median of each round's B/A (A and B of a round ran back to back: the
+    # machine's drift over the whole run cancels in the pair)
+    print("| target | A CPU µs/req | B CPU µs/req | B/A | paired B/A "
+          "| A wall µs/req | B wall µs/req | B/A | paired B/A |")
+    print("| --- |" + " ---: |" * 8)
     for target, by in samples.items():
         row = [target]
         for key in ("cpu_us", "wall_us"):
             a = statistics.median(s[key] for s in by["A"])
             b = statistics.median(s[key] for s in by["B"])
-            row += [f"{a:.0f}", f"{b:.0f}", f"{b / a:.3f}"]
+            paired = statistics.median(y[key] / x[key] for x, y in zip(by["A"], by["B"]))
+            row += [f"{a:.0f}", f"{b:.0f}", f"{b / a:.3f}", f"{paired:.3f}"]
         print("| " + " | ".join(row) + " |")
 
 
