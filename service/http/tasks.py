@@ -10,6 +10,7 @@ which FastAPI must see as objects.)
 """
 
 import asyncio
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -41,8 +42,23 @@ async def run_task(dp: DataPlane, task: Task, m: LoadedModel, data: bytes, param
 
 
 def task_router(task: Task) -> APIRouter:
-    """The native route of ``task``."""
-    router = APIRouter(tags=[task.name])
+    """The native route of ``task`` (and its versioned path), on a router of its own."""
+    router = APIRouter()
+    add_task_routes(router, task)
+    return router
+
+
+def tasks_router(tasks: Iterable[Task]) -> APIRouter:
+    """One router holding every task's native routes: one router for the app to try, not one per task
+    (each included router costs the app's routing a scope set-up per request that passes it)."""
+    router = APIRouter()
+    for task in tasks:
+        add_task_routes(router, task)
+    return router
+
+
+def add_task_routes(router: APIRouter, task: Task) -> None:
+    """Add ``POST /v1/models/{model}[/versions/{version}]/<task.route>`` to ``router``."""
 
     async def handle(request: Request, model: str, params: Annotated[task.params, Query()],  # type: ignore[name-defined]
                      version: str | None = None) -> Response:
@@ -58,9 +74,8 @@ def task_router(task: Task) -> APIRouter:
         body = await asyncio.get_running_loop().run_in_executor(None, task.render, data, result, params)
         return Response(body, media_type=media_type)
 
-    extra = {"openapi_extra": {"requestBody": _BODY}, "response_model": task.response}
+    extra = {"openapi_extra": {"requestBody": _BODY}, "response_model": task.response, "tags": [task.name]}
     router.add_api_route(f"/v1/models/{{model}}/{task.route}", handle, methods=["POST"], summary=task.summary,
                          **extra)
     router.add_api_route(f"/v1/models/{{model}}/versions/{{version}}/{task.route}", handle, methods=["POST"],
                          include_in_schema=False, **extra)
-    return router

@@ -46,9 +46,9 @@ def section_for(kind: object) -> type[Section] | None:
 def routers() -> tuple[list[Any], list[Any]]:
     """Every task's native route, and the extra routes tasks bring, for ``app.include_router``. The app
     includes the native routes before any other: the router tries routes in order, and these are the hot ones."""
-    from ..http.tasks import task_router
+    from ..http.tasks import tasks_router
 
-    return [task_router(t) for t in TASKS.values()], [r for t in TASKS.values() for r in t.routers()]
+    return [tasks_router(TASKS.values())], [r for t in TASKS.values() for r in t.routers()]
 
 
 for _name in BUILT_IN:
