@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from convert.detect_default import build_default_detector  # noqa: E402
-from examples.shapes_data import split, write_coco  # noqa: E402
+from convert.shapes.data import split, write_coco  # noqa: E402
 from quantize.detect import float_nodes  # noqa: E402  (shared with `visionserve quantize`)
 from quantize.evaluate_detect import evaluate_detection  # noqa: E402
 from service.detection import decode, finish  # noqa: E402

@@ -110,7 +110,7 @@ def one_shot(url: str, imgs: dict[str, Image.Image], per_photo: int, seed: int) 
                 r.raise_for_status()
                 hits += r.json()["label"] == name
                 total += 1
-    return hits / total, total
+    return hits / max(total, 1), total
 
 
 def fill(data: Path, total: int, dim: int) -> None:
@@ -129,7 +129,9 @@ def fill(data: Path, total: int, dim: int) -> None:
     store.update("photos", add)
 
 
-def latency(url: str, image: bytes, repeats: int) -> tuple[float, float]:
+def latency(url: str, image: bytes, repeats: int) -> tuple[float, float, float]:
+    """Medians of embed and identify alternated, and the median of the paired differences (identify minus
+    the embed just before it: machine noise that moves both cancels)."""
     emb, ident = [], []
     h = {"Content-Type": "image/jpeg"}
     with httpx.Client(timeout=60) as c:
@@ -143,7 +145,18 @@ def latency(url: str, image: bytes, repeats: int) -> tuple[float, float]:
             t = time.perf_counter()
             c.post(f"{url}/v1/galleries/photos/identify", content=image, headers=h).raise_for_status()
             ident.append(time.perf_counter() - t)
-    return statistics.median(emb) * 1e3, statistics.median(ident) * 1e3
+    paired = statistics.median(i - e for i, e in zip(ident, emb))
+    return statistics.median(emb) * 1e3, statistics.median(ident) * 1e3, paired * 1e3
+
+
+def search_ms(url: str) -> float:
+    """The server's own mean search time per identify (``visionserve_gallery_search_seconds``)."""
+    text = httpx.get(f"{url}/metrics").text
+    total = sum(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("visionserve_gallery_search_seconds_sum"))
+    count = sum(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("visionserve_gallery_search_seconds_count"))
+    return total / max(count, 1) * 1e3
 
 
 def saturation(url: str, image: bytes, duration: float, rounds: int) -> tuple[list[float], list[float]]:
@@ -165,6 +178,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: oneshot, saturation")
     ap.add_argument("--write-crops", type=Path, default=None,
                     help="only write an ImageFolder of crops (one folder per photo) for `visionserve evaluate`")
     args = ap.parse_args()
@@ -179,18 +193,24 @@ def main() -> None:
                 (args.write_crops / name / f"{i:02d}.jpg").write_bytes(crop(img, rng))
         print(f"wrote {len(imgs)} x {args.per_photo + 1} crops to {args.write_crops}")
         return
+    skip = set(args.skip.split(","))
     url, proc = start(args.repository, data)
     try:
-        acc, n = one_shot(url, imgs, args.per_photo, args.seed)
-        print(f"one-shot crops: {acc:.1%} of {n} crops of {len(imgs)} photos named right ({len(imgs)}-way, 1 shot)")
+        acc, n = one_shot(url, imgs, 0 if "oneshot" in skip else args.per_photo, args.seed)
+        if "oneshot" not in skip:
+            print(f"one-shot crops: {acc:.1%} of {n} crops of {len(imgs)} photos named right ({len(imgs)}-way, "
+                  "1 shot)")
         first = crop(imgs["chelsea"], np.random.default_rng(0))
         dim = httpx.post(f"{url}/v1/models/{EMBED}/embed", content=first,
                          headers={"Content-Type": "image/jpeg"}).json()["dim"]
         fill(data, args.gallery_size, dim)
         probe = (ROOT / "examples" / "images" / "cat.jpg").read_bytes()
-        e_ms, i_ms = latency(url, probe, args.repeats)
+        e_ms, i_ms, d_ms = latency(url, probe, args.repeats)
         print(f"latency, {args.gallery_size:,}-item gallery, median of {args.repeats} alternated: embed "
-              f"{e_ms:.2f} ms, identify {i_ms:.2f} ms (+{i_ms - e_ms:.2f} ms)")
+              f"{e_ms:.2f} ms, identify {i_ms:.2f} ms; identify - embed: {i_ms - e_ms:+.2f} ms (medians), "
+              f"{d_ms:+.2f} ms (median of pairs); server-side search {search_ms(url):.2f} ms a query (mean)")
+        if "saturation" in skip:
+            return
         cls, emb = saturation(url, probe, args.duration, args.rounds)
         ratio = statistics.median(emb) / statistics.median(cls)
         print(f"saturation (16 connections, {args.rounds} rounds alternated): classify "

@@ -35,8 +35,8 @@ from hdrh.histogram import HdrHistogram
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.server import CAT, start_server, stop_server  # noqa: E402
 from tests.composites import cat_object, composite, mass_ratio, pointing_hit  # noqa: E402
-from tests.conftest import CAT, start_server, stop_server  # noqa: E402
 
 
 def explain(url: str, model: str, data: bytes, params: str) -> tuple[float, dict]:  # type: ignore[type-arg]

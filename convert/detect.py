@@ -149,11 +149,9 @@ def detection_parity(model: nn.Module, onnx_path: str, batches: list[tuple[str, 
     (and of the counts) may differ: an NMS decision taken at exactly the IoU threshold, or a top-k tie,
     flips with the last bit of a float (seen with randomly initialised retinanet: 2 of 300).
     """
-    import onnxruntime as ort
+    from .ort_cpu import cpu_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(onnx_path)
     worst_abs = worst_rel = 0.0
     failures = []
     real = compared = 0

@@ -16,16 +16,9 @@ import typer
 from service.manifest import DetectPostprocess, sha256_file
 from service.repository import ModelEntry, valid_entries
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "examples" / "shapes_detector.pt"
-LABELS = ROOT / "examples" / "shapes_labels.txt"
+from .shapes import LABELS, WEIGHTS
+
 NAME = "shapes_detector"
-
-
-def examples_importable() -> None:
-    """Put the project root on ``sys.path``: examples/ lives beside the packages, not inside one."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
 
 
 def _current(repo: Path, weights_sha: str) -> ModelEntry | None:
@@ -44,10 +37,9 @@ def build_default_detector(repo: Path, name: str = NAME) -> ModelEntry:
     if name == NAME and (entry := _current(repo, sha256_file(WEIGHTS))) is not None:
         typer.echo(f"{entry.directory.parent} is up to date")
         return entry
-    examples_importable()
-    from examples.shapes_detector import INPUT_SIZE
+    from .shapes.model import INPUT_SIZE
 
-    source = load_source(module="examples.shapes_detector:build", weights=WEIGHTS)
+    source = load_source(module="convert.shapes.model:build", weights=WEIGHTS)
     opts = ConvertOptions(
         name=name, repository=repo, task="detect", input_size=(INPUT_SIZE, INPUT_SIZE),
         preprocess=default_preprocess("visionserve"), labels=read_labels(LABELS),

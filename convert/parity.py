@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from service.manifest import Parity
+
+from .ort_cpu import cpu_session
 
 
 class ParityError(Exception):
@@ -34,9 +35,7 @@ def _outputs(out: object) -> list[np.ndarray]:
 
 def compare(model: nn.Module, onnx_path: str, check: ParityCheck) -> Parity:
     """Run every batch through both; raise ParityError naming the worst output if over tolerance."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(onnx_path)
     input_name = sess.get_inputs()[0].name
     worst_abs = worst_rel = 0.0
     agree = total = samples = real = 0

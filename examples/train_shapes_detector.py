@@ -4,7 +4,7 @@
     python examples/train_shapes_detector.py --eval-only          # evaluate the committed weights
     python examples/train_shapes_detector.py --write-test-split   # (re)write tests/data/shapes
 
-Data come from ``examples/shapes_data.py`` (procedural, seeded). Every image is letterboxed to 256x256 by
+Data come from ``convert/shapes/data.py`` (procedural, seeded). Every image is letterboxed to 256x256 by
 the server's own ``service.imaging.Preprocessor``, so training sees exactly what serving will feed the
 model. Targets are FCOS-style: a location is positive for the smallest box that contains it and lies
 near its centre; sigmoid focal loss for classes, GIoU for boxes, BCE for centerness.
@@ -28,13 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from examples.shapes_data import CLASSES, Sample, split, write_coco  # noqa: E402
-from examples.shapes_detector import INPUT_SIZE, STRIDE, ShapesDetector  # noqa: E402
+from convert.shapes import LABELS, WEIGHTS  # noqa: E402  (the committed weights live in the product)
+from convert.shapes.data import CLASSES, Sample, split, write_coco  # noqa: E402
+from convert.shapes.model import INPUT_SIZE, STRIDE, ShapesDetector  # noqa: E402
 from service.imaging import Preprocessor  # noqa: E402
 from service.manifest import InputSpec, Preprocess  # noqa: E402
 
-WEIGHTS = ROOT / "examples" / "shapes_detector.pt"
-LABELS = ROOT / "examples" / "shapes_labels.txt"
 TEST_SPLIT = ROOT / "tests" / "data" / "shapes"
 SPEC = InputSpec(name="input", shape=[-1, 3, INPUT_SIZE, INPUT_SIZE])
 # What the converted model's manifest will say (ImageNet statistics, letterbox with grey 114 padding).
@@ -270,7 +269,7 @@ def main() -> None:
     print(f"test split ({len(test)} images, {sum(len(s.boxes) for s in test)} objects): "
           f"mAP@0.5 {metrics['mAP@0.5']:.3f}, mAP@[.5:.95] {metrics['mAP@[.5:.95]']:.3f} "
           f"({time.perf_counter() - t:.0f} s)")
-    if args.timing is not None:  # beside the weights: examples/shapes_detector.json for the committed ones
+    if args.timing is not None:  # beside the weights: convert/shapes/shapes_detector.json for the committed ones
         report = {"test": {"images": len(test), **metrics}, **args.timing}
         args.weights.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
 

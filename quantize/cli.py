@@ -13,7 +13,6 @@ from service.cli_util import fail
 
 Opt = typer.Option
 Arg = typer.Argument
-GUARDED_METRICS = ("top1", "map50")  # the Task.guard_metric values quantize's accuracy guard measures
 
 
 def _setup_logging() -> None:
@@ -39,7 +38,7 @@ def quantize(
     held_out_images: Annotated[Optional[Path], Opt(help="detectors: the images of the --held-out json")] = None,
     max_drop: Annotated[float, Opt(help="largest allowed drop (fraction): accuracy with labels, else "
                                         "top-1 disagreement on confident images; detectors: absolute "
-                                        "mAP@0.5 (0.01 = 1 point)")] = 0.01,
+                                        "mAP@0.5 (0.01 = 1 point); embed models: see --min-cosine")] = 0.01,
     target: Annotated[str, Opt(help="auto, x86-novnni, x86-vnni, arm or tensorrt")] = "auto",
     method: Annotated[str, Opt(help="auto (nncf where the target takes it), nncf (MinMax + bias correction), "
                                     "or ONNX Runtime's minmax, entropy, percentile")] = "auto",
@@ -65,15 +64,24 @@ def quantize(
     no_guard: Annotated[bool, Opt("--no-guard", help="skip the accuracy guard (not recommended)")] = False,
     threads: Annotated[int, Opt(help="ONNX Runtime threads for evaluation and timing")] = 2,
     overwrite: Annotated[bool, Opt(help="replace an existing version")] = False,
+    min_cosine: Annotated[float, Opt(help="embed models: smallest mean cosine similarity of int8 to fp32 "
+                                          "embeddings (selection set, then held-out set)")] = 0.97,
+    max_oneshot_drop: Annotated[float, Opt(help="embed models: largest drop of held-out N-way 1-shot accuracy "
+                                                "(fraction: 0.02 = 2 points)")] = 0.02,
+    ways: Annotated[int, Opt(help="embed models: classes per one-shot episode")] = 5,
+    episodes: Annotated[int, Opt(help="embed models: one-shot episodes (the same ones for fp32 and int8)")] = 500,
 ) -> None:
-    """Static int8 (QDQ) quantization with an accuracy guard and a speed guard; writes a new repository entry."""
+    """Static int8 (QDQ) quantization with an accuracy guard and a speed guard; writes a new repository entry.
+
+    Embedding models are guarded on the cosine similarity of their int8 embeddings to the fp32 ones and on
+    N-way 1-shot accuracy (classes: the ImageFolder's, or the photo each ``natural`` crop came from)."""
     _setup_logging()
     from pydantic import ValidationError
 
     from service.repository import RepositoryError
-    from service.tasks import TASKS
 
     from .data import DatasetError, hold_out, open_set
+    from .evaluate_embed import Episodes
     from .int8 import QuantizeError, detect_target, settings_for
     from .models import resolve
     from .pipeline import QuantizeJob, run_quantize
@@ -81,11 +89,18 @@ def quantize(
     try:
         label_list = [s.strip() for s in labels.read_text().splitlines() if s.strip()] if labels else None
         entry = resolve(model, repository, label_list)
+        from .guard import GUARD_METRICS, guard_metric
+
+        metric = guard_metric(entry.manifest.task)
         detect = entry.manifest.task == "detect"
-        metric = TASKS[entry.manifest.task].guard_metric  # what the accuracy guard must measure
-        if metric not in GUARDED_METRICS:
-            fail(f"quantize guards {', '.join(GUARDED_METRICS)} (classifiers and detectors); {entry.manifest.name} "
-                 f"is a {entry.manifest.task} model, whose guard metric {metric!r} it does not measure yet")
+        embed = metric == "cosine"
+        if metric not in GUARD_METRICS:
+            fail(f"quantize has no accuracy guard for {entry.manifest.task} models ({entry.manifest.name}); it "
+                 f"handles classifiers, detectors and embedding models")
+        if embed and not (0.0 < min_cosine <= 1.0):
+            fail(f"--min-cosine is a cosine similarity in (0, 1], not {min_cosine:g}")
+        if embed and (ways < 2 or episodes < 1):
+            fail("--ways must be at least 2 and --episodes at least 1")
         if detect:
             from .detect import check_quantizable
 
@@ -135,12 +150,15 @@ def quantize(
             typer.echo(f"no --eval: {len(ev)} of the calibration images select, {len(ho)} are held out")
         job = QuantizeJob(
             source=entry, repository=repository, name=name or f"{entry.manifest.name}_int8",
-            calibration=cal, evaluation=ev, settings=settings, max_drop=None if no_guard else max_drop,
+            calibration=cal, evaluation=ev, settings=settings,
+            max_drop=None if no_guard else (round(1.0 - min_cosine, 9) if embed else max_drop),
             max_excluded=max_excluded, version=version, overwrite=overwrite, threads=threads,
             derived_from=None if model.endswith(".onnx") else
             f"{entry.manifest.name}:{entry.manifest.version}", detect_eval=detect_eval, held_out=ho,
             detect_held_out=detect_held, min_speedup=min_speedup, allow_slow=allow_slow,
             serving_batch=serving_batch, calibration_tensors=synthetic, bias_correction=bias_correction,
+            max_oneshot_drop=None if no_guard or not embed else max_oneshot_drop,
+            episodes=Episodes(ways=ways, episodes=episodes),
         )
         result = run_quantize(job)
     except (QuantizeError, DatasetError, RepositoryError, ValidationError, ValueError, OSError) as e:

@@ -1,4 +1,9 @@
-"""The int8 entries of the default repository (``make models``).
+"""The default model repository (``make models``): the fp32 entries (convert/default.py) and their int8.
+
+    python -m quantize.default --repository model_repository
+
+This module is the one place that builds with both tools: quantize uses convert, convert never imports
+quantize (tests/test_import_rules.py).
 
 - ``mobilenet_v2_int8``: int8 from ``mobilenet_v2`` by NNCF (MinMax ranges + bias correction), calibrated
   on crops of the built-in calibration photos, guarded on crops of *other* photos, and reported (manifest
@@ -17,7 +22,10 @@ Idempotent: a readable existing entry is kept (the detector's only while it deri
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import typer
 
 from service.repository import has_valid_version, valid_entries
 
@@ -33,9 +41,17 @@ DETECTOR_GUARD = 200  # images of the shapes test split
 DETECTOR_HELD_OUT = 200  # the next images of the test split: reported, never used to decide
 
 
-def build_default_int8(repo: Path) -> None:
-    import typer
+def build_repository(repo: Path, int8: bool = True, embed: bool = True) -> None:
+    """Everything ``make models`` builds into ``repo`` (idempotent: readable, current entries are kept)."""
+    from convert.default import build_default
 
+    build_default(repo, with_embed=embed)
+    if int8:
+        build_default_int8(repo)
+        build_default_detector_int8(repo)
+
+
+def build_default_int8(repo: Path) -> None:
     from .data import open_set
     from .int8 import detect_target, settings_for
     from .models import resolve
@@ -57,8 +73,6 @@ def build_default_int8(repo: Path) -> None:
 
 
 def _report(result) -> None:
-    import typer
-
     from .speed import speedup
 
     assert result.held_out is not None
@@ -80,9 +94,7 @@ def _derives_from(repo: Path, name: str, parent: str) -> bool:
 def build_default_detector_int8(repo: Path) -> None:
     import tempfile
 
-    import typer
-
-    from convert.detect_default import examples_importable
+    from convert.shapes.data import split, write_coco
 
     from .data import scan_folder
     from .int8 import detect_target, settings_for
@@ -95,9 +107,6 @@ def build_default_detector_int8(repo: Path) -> None:
     if _derives_from(repo, DETECTOR_INT8, parent):
         typer.echo(f"{repo}/{DETECTOR_INT8} is up to date")
         return
-    examples_importable()
-    from examples.shapes_data import split, write_coco
-
     with tempfile.TemporaryDirectory(prefix="vs-shapes-") as tmp:
         val, test, held = Path(tmp) / "val", Path(tmp) / "test", Path(tmp) / "held"
         write_coco(split("val", DETECTOR_CALIBRATION), val / "images", val / "annotations.json")
@@ -112,3 +121,17 @@ def build_default_detector_int8(repo: Path) -> None:
             detect_held_out=(held / "annotations.json", held / "images"), min_speedup=MIN_SPEEDUP, allow_slow=True,
         )
         _report(run_quantize(job))
+
+
+def main(
+    repository: Path = typer.Option(Path("model_repository"), "--repository", "-r"),
+    int8: bool = typer.Option(True, help="also build mobilenet_v2_int8 and shapes_detector_int8 (guarded int8)"),
+    embed: bool = typer.Option(True, help="also build mobilenet_v2_embed (ImageNet MobileNetV2 embeddings)"),
+) -> None:
+    """Build the default model repository."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_repository(repository, int8=int8, embed=embed)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -22,13 +22,7 @@ from service.detection import decode
 from service.imaging import Preprocessor
 from service.repository import ModelEntry
 
-
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+from .measure import session
 
 
 def category_map(labels: list[str], categories: list[dict[str, Any]]) -> dict[int, int]:
@@ -47,7 +41,7 @@ def predict(entry: ModelEntry, files: list[Path], *, onnx_path: Path | None = No
             ) -> tuple[list[list[dict[str, object]]], float]:
     """Detections per file (original pixels) and the seconds spent in inference + decoding."""
     m = entry.manifest
-    sess = _session(onnx_path or entry.model_path, threads)
+    sess = session(onnx_path or entry.model_path, threads)
     names = [o.name for o in sess.get_outputs()]
     batched = m.postprocess.batched  # torchvision's post-processed detectors answer for one image
     batch_size = min(batch_size, m.max_batch_size) if batched else 1

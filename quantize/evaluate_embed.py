@@ -37,8 +37,9 @@ def embeddings(entry: ModelEntry, tensors: np.ndarray, threads: int = 2, batch: 
     return l2_normalise(out.reshape(len(out), -1))
 
 
-def one_shot(emb: np.ndarray, targets: np.ndarray, ep: Episodes) -> dict[str, float | int]:
-    """Mean, spread and extremes of N-way 1-shot accuracy over random episodes."""
+def episode_accuracies(emb: np.ndarray, targets: np.ndarray, ep: Episodes) -> np.ndarray:
+    """The accuracy of each of ``ep.episodes`` random N-way 1-shot episodes. The episodes depend only on
+    ``targets`` and ``ep`` (not on ``emb``), so two models scored with the same ones are compared pairwise."""
     rng = np.random.default_rng(ep.seed)
     classes = np.unique(targets)
     ways = min(ep.ways, len(classes))
@@ -53,7 +54,13 @@ def one_shot(emb: np.ndarray, targets: np.ndarray, ep: Episodes) -> dict[str, fl
         query = np.setdiff1d(np.flatnonzero(np.isin(targets, chosen)), support)
         pred = chosen[(emb[query] @ emb[support].T).argmax(1)]
         accs.append(float((pred == targets[query]).mean()))
-    a = np.asarray(accs)
+    return np.asarray(accs)
+
+
+def one_shot(emb: np.ndarray, targets: np.ndarray, ep: Episodes) -> dict[str, float | int]:
+    """Mean, spread and extremes of N-way 1-shot accuracy over random episodes."""
+    a = episode_accuracies(emb, targets, ep)
+    ways = min(ep.ways, len(np.unique(targets)))
     return {"ways": int(ways), "shots": 1, "episodes": len(a), "accuracy": round(float(a.mean()), 5),
             "std": round(float(a.std()), 5), "ci95": round(float(1.96 * a.std() / np.sqrt(len(a))), 5),
             "min": round(float(a.min()), 5), "max": round(float(a.max()), 5)}

@@ -21,15 +21,37 @@ from pathlib import Path
 
 import numpy as np
 
+from service.postprocess import probabilities
+
 log = logging.getLogger("visionserve.quantize")
 
 CONFIDENT = 0.5
 MIN_CONFIDENT = 20
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
+GUARD_METRICS = ("top1", "map50", "cosine")  # what this guard can compare fp32 with int8 on
+
+
+def guard_metric(task: str) -> str | None:
+    """What a task's int8 guard compares: the plug-in task's declared ``guard_metric`` (service.tasks), else
+    the built-in tasks' (classify: top-1, detect: mAP@0.5); None for a task nothing declares."""
+    from service.tasks import get
+
+    plugin = get(task)
+    if plugin is not None:
+        return plugin.guard_metric
+    return {"classify": "top1", "detect": "map50"}.get(task)
+
+
+def activation_of(manifest: object) -> str:
+    """The classifier's ``postprocess.activation`` (softmax for anything without one)."""
+    return str(getattr(getattr(manifest, "postprocess", None), "activation", "softmax"))
+
+
+def confidence(ref: np.ndarray, activation: str = "softmax") -> np.ndarray:
+    """The fp32 model's probability of its top class per image, through the manifest's ``activation``
+    (service.postprocess.probabilities, the function the server answers with; float64 here)."""
+    return probabilities(ref, activation, np.float64).max(1)
 
 
 @dataclass(frozen=True)
@@ -81,11 +103,13 @@ def topk_hits(logits: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
     return (top == targets[:, None]).any(1)
 
 
-def fidelity(ref: np.ndarray, got: np.ndarray, targets: np.ndarray | None = None) -> Fidelity:
-    """Compare int8 logits ``got`` with fp32 logits ``ref``; ``targets`` are model class indices."""
+def fidelity(ref: np.ndarray, got: np.ndarray, targets: np.ndarray | None = None,
+             activation: str = "softmax") -> Fidelity:
+    """Compare int8 logits ``got`` with fp32 logits ``ref``; ``targets`` are model class indices;
+    ``activation`` is the manifest's (what makes a probability of the outputs, for "confident")."""
     r1, g1 = ref.argmax(1), got.argmax(1)
     same = r1 == g1
-    conf = softmax(ref.astype(np.float64)).max(1) >= CONFIDENT
+    conf = confidence(ref, activation) >= CONFIDENT
     kw: dict[str, float] = {}
     if targets is not None:
         kw = {"fp32_top1": float(np.mean(r1 == targets)), "int8_top1": float(np.mean(g1 == targets)),

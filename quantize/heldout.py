@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .guard import CONFIDENT, MIN_CONFIDENT, Fidelity, fidelity, softmax
+from .guard import CONFIDENT, MIN_CONFIDENT, Fidelity, confidence, fidelity
 
 REPS = 2000
 LEVEL = 0.95
@@ -92,12 +92,13 @@ class HeldOut:
 
 
 def held_out(ref: np.ndarray, got: np.ndarray, targets: np.ndarray | None, groups: list[int] | None,
-             source: str) -> HeldOut:
-    """Fidelity of logits ``got`` against fp32 ``ref``, with intervals from the bootstrap."""
-    f = fidelity(ref, got, targets)
+             source: str, activation: str = "softmax") -> HeldOut:
+    """Fidelity of logits ``got`` against fp32 ``ref``, with intervals from the bootstrap (``activation``:
+    the manifest's, as in ``guard.fidelity``)."""
+    f = fidelity(ref, got, targets, activation)
     g = np.asarray(groups) if groups is not None else None
     same = (ref.argmax(1) == got.argmax(1)).astype(np.float64)
-    conf = softmax(ref.astype(np.float64)).max(1) >= CONFIDENT
+    conf = confidence(ref, activation) >= CONFIDENT
     conf_ci = bootstrap_ci(same[conf], g[conf] if g is not None else None) if conf.any() else None
     if targets is not None:
         # paired: each image's fp32 correctness minus its int8 correctness

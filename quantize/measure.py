@@ -11,15 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-DEFAULT_THREADS = 2
+from convert.ort_cpu import DEFAULT_THREADS
+from convert.ort_cpu import cpu_session as session  # the tools' one CPU session factory
 
-
-def session(path: Path | str, threads: int = DEFAULT_THREADS) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+__all__ = ["DEFAULT_THREADS", "Latency", "compare_speed", "file_size", "latency", "onnx_macs", "predict",
+           "session"]
 
 
 def predict(sess: ort.InferenceSession, tensors: np.ndarray, batch: int = 8) -> np.ndarray:

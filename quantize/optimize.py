@@ -20,7 +20,7 @@ from service.imaging import Preprocessor
 from service.manifest import Preprocess
 
 from .data import hold_out, load_tensors, map_classes, open_set
-from .guard import fidelity, topk_hits
+from .guard import activation_of, fidelity, topk_hits
 from .measure import compare_speed, file_size, onnx_macs, predict, session
 
 log = logging.getLogger("visionserve.quantize")
@@ -132,7 +132,7 @@ def run_optimize(o: OptimizeOptions) -> str:
                     if ev_set.labelled:
                         mapping = map_classes(ev_set, fp32.manifest, logits.shape[1])
                         targets = np.asarray([mapping[t] for t in ev_set.targets or []])
-                f = fidelity(ref, logits, targets)
+                f = fidelity(ref, logits, targets, activation_of(fp32.manifest))
                 row["top1_agreement_vs_first"] = round(f.top1_agreement, 4)
                 if f.top1_agreement_confident is not None:
                     row["top1_agreement_confident_vs_first"] = round(f.top1_agreement_confident, 4)

@@ -23,7 +23,9 @@ from service.repository import ModelEntry, write_version
 
 from .data import ImageSet, load_tensors, map_classes
 from .detect import DetectFidelity, check_quantizable, detect_fidelity, detector_float_nodes
-from .guard import Fidelity, candidate_nodes, fidelity, rank_sensitive
+from .evaluate_embed import Episodes
+from .guard import Fidelity, activation_of, candidate_nodes, fidelity, guard_metric, rank_sensitive
+from .guard_embed import EmbedFidelity, EmbedHeldOut, embed_fidelity, embed_held_out, gate, one_shot_classes
 from .heldout import HeldOut, held_out
 from .int8 import QuantizeError, Settings, calibrate, preprocess_model, quantize_with
 from .measure import predict, session
@@ -31,6 +33,7 @@ from .progress import bar
 from .slim import slim
 
 log = logging.getLogger("visionserve.quantize")
+AnyFidelity = Fidelity | DetectFidelity | EmbedFidelity  # what the guard compares, per task
 
 
 @dataclass
@@ -61,10 +64,16 @@ class QuantizeJob:
     # calibration inputs made elsewhere (``--calibration synthetic``): used instead of ``calibration``'s images
     calibration_tensors: np.ndarray | None = None
     bias_correction: str = "fast"  # NNCF: fast, full or none (chosen on the selection set: docs/optimize.md)
+    # embed models (quantize/guard_embed.py): ``max_drop`` is 1 − the smallest mean cosine to fp32 allowed (on
+    # the selection set, then on the held-out set); the held-out one-shot accuracy may fall this much at most
+    max_oneshot_drop: float | None = None
+    episodes: Episodes = field(default_factory=Episodes)
 
 
 def show_drop(drop: float, kind: str) -> str:
-    """A drop as people read it: points of mAP for detectors, percent otherwise."""
+    """A drop as people read it: points of mAP for detectors, 1 − cosine for embeddings, percent otherwise."""
+    if kind.startswith("cosine"):
+        return f"{drop:.4f} (mean cosine {1 - drop:.4f})"
     return f"{100 * drop:.2f} pt" if kind.startswith("mAP") else f"{drop:.2%}"
 
 
@@ -80,13 +89,13 @@ class GuardStep:
 @dataclass
 class QuantizeResult:
     entry: ModelEntry
-    fidelity: Fidelity | DetectFidelity | None
-    first_fidelity: Fidelity | DetectFidelity | None
+    fidelity: AnyFidelity | None
+    first_fidelity: AnyFidelity | None
     excluded: list[str]
     steps: list[GuardStep]
     speed: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
-    held_out: HeldOut | DetectFidelity | None = None
+    held_out: HeldOut | DetectFidelity | EmbedHeldOut | None = None
     size: dict[str, object] = field(default_factory=dict)
 
 
@@ -100,6 +109,7 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
     started = time.perf_counter()
     m = job.source.manifest
     detect = m.task == "detect"
+    embed = guard_metric(m.task) == "cosine"  # the task's declared guard (service/tasks: embed)
     if detect:
         check_quantizable(job.source)
     prep = Preprocessor(m.input, m.preprocess, draft=False)
@@ -130,12 +140,14 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
         if not nncf:
             with bar(f"calibrating ({job.settings.method})", len(cal)) as advance:
                 calib = calibrate(pre, cal, m.input.name, job.settings, work, progress=advance)
-        targets = None
+        targets = classes = None
         ref = None
         if ev is not None:
             fp32 = session(job.source.model_path, job.threads)
             ref = predict(fp32, ev)
-            if job.evaluation is not None and job.evaluation.labelled:
+            if embed and job.evaluation is not None:
+                classes = one_shot_classes(job.evaluation.targets, job.evaluation.groups)
+            elif job.evaluation is not None and job.evaluation.labelled:
                 mapping = map_classes(job.evaluation, m, ref.shape[1])
                 targets = np.asarray([mapping[t] for t in job.evaluation.targets or []])
 
@@ -156,7 +168,7 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
 
         slimmed: dict[Path, dict[str, int]] = {}
 
-        def attempt(excluded: list[str], path: Path) -> Fidelity | DetectFidelity | None:
+        def attempt(excluded: list[str], path: Path) -> AnyFidelity | None:
             build(excluded, path)
             if detect:
                 if ref_map is None or job.detect_eval is None:
@@ -167,7 +179,9 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
                     job.source, job.detect_eval[0], job.detect_eval[1], onnx_path=path, threads=job.threads))
             if ev is None or ref is None:
                 return None
-            return fidelity(ref, predict(session(path, job.threads), ev), targets)
+            if embed:
+                return embed_fidelity(ref, predict(session(path, job.threads), ev), classes, job.episodes)
+            return fidelity(ref, predict(session(path, job.threads), ev), targets, activation_of(m))
 
         first_path = work / "int8-all.onnx"
         first = attempt(list(job.settings.nodes_to_exclude), first_path)
@@ -184,7 +198,10 @@ def run_quantize(job: QuantizeJob) -> QuantizeResult:
                 c = calibrate(pre, cal, m.input.name, s_ort, work)
                 rank_on = quantize_with(pre, work / "rank-ort.onnx", s_ort, c.cache)
             final_path, final, excluded, steps = _fall_back(job, pre, rank_on, first, cal, attempt, work, steps)
-        report = _held_out(job, final_path, ho, targets_of(job.held_out, m, job.source.model_path))
+        report = _held_out(job, final_path, ho, None if embed else targets_of(job.held_out, m, job.source.model_path))
+        if embed:  # the held-out figures accept or refuse (quantize/guard_embed.py)
+            gate(report.fidelity if isinstance(report, EmbedHeldOut) else None,
+                 final if isinstance(final, EmbedFidelity) else None, job.max_drop, job.max_oneshot_drop)
         size = {"fp32_bytes": job.source.model_path.stat().st_size, "int8_bytes": final_path.stat().st_size,
                 "slim": slimmed.get(final_path, {})}
         size["ratio"] = round(int(size["int8_bytes"]) / int(size["fp32_bytes"]), 4)  # type: ignore[call-overload]
@@ -210,7 +227,7 @@ def targets_of(images: ImageSet | None, m: Manifest, model: Path) -> np.ndarray 
 
 
 def _held_out(job: QuantizeJob, model: Path, ho: np.ndarray | None, targets: np.ndarray | None
-              ) -> HeldOut | DetectFidelity | None:
+              ) -> HeldOut | DetectFidelity | EmbedHeldOut | None:
     """The reported figure: int8 against fp32 on the held-out set, which no decision above has seen."""
     if job.detect_held_out is not None:
         from .evaluate_detect import evaluate_detection
@@ -222,17 +239,22 @@ def _held_out(job: QuantizeJob, model: Path, ho: np.ndarray | None, targets: np.
         got = evaluate_detection(job.source, coco, images, onnx_path=model, threads=job.threads, sink=sinks[1])
         ci = drop_ci(sinks[0]["coco_eval"], sinks[1]["coco_eval"]) if all(sinks) else None
         result = detect_fidelity(ref, got, ci)
+    elif ho is not None and job.held_out is not None and guard_metric(job.source.manifest.task) == "cosine":
+        ref = predict(session(job.source.model_path, job.threads), ho)
+        result = embed_held_out(ref, predict(session(model, job.threads), ho),
+                                one_shot_classes(job.held_out.targets, job.held_out.groups), job.held_out.groups,
+                                job.held_out.source, job.episodes)
     elif ho is not None and job.held_out is not None:
         ref = predict(session(job.source.model_path, job.threads), ho)
         result = held_out(ref, predict(session(model, job.threads), ho), targets, job.held_out.groups,
-                          job.held_out.source)
+                          job.held_out.source, activation_of(job.source.manifest))
     else:
         return None
     log.info("%s", result.summary())
     return result
 
 
-def _fall_back(job: QuantizeJob, pre: Path, rank_on: Path, first: Fidelity | DetectFidelity, cal: np.ndarray,
+def _fall_back(job: QuantizeJob, pre: Path, rank_on: Path, first: AnyFidelity, cal: np.ndarray,
                attempt, work: Path, steps: list[GuardStep]) -> tuple[Path, Fidelity, list[str], list[GuardStep]]:
     """Keep the most sensitive nodes in float, more and more, until the drop fits the budget."""
     assert job.max_drop is not None
@@ -244,7 +266,7 @@ def _fall_back(job: QuantizeJob, pre: Path, rank_on: Path, first: Fidelity | Det
     order = [n for n, _ in ranking if n not in fixed]
     limit = int(job.max_excluded * len(candidate_nodes(pre)))
     sizes = [k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if k <= min(limit, len(order))]
-    best: tuple[Path, Fidelity | DetectFidelity, list[str]] | None = None
+    best: tuple[Path, AnyFidelity, list[str]] | None = None
     lo = 0
     for k in sizes:
         path = work / f"int8-x{k}.onnx"
@@ -278,10 +300,10 @@ def _fall_back(job: QuantizeJob, pre: Path, rank_on: Path, first: Fidelity | Det
     return best[0], best[1], best[2], steps
 
 
-def _write(job: QuantizeJob, model: Path, n_cal: int, final: Fidelity | DetectFidelity | None,
-           first: Fidelity | DetectFidelity | None,
+def _write(job: QuantizeJob, model: Path, n_cal: int, final: AnyFidelity | None,
+           first: AnyFidelity | None,
            excluded: list[str], steps: list[GuardStep], speed: dict[str, dict[str, float]], started: float,
-           report: HeldOut | DetectFidelity | None, size: dict[str, object]) -> ModelEntry:
+           report: HeldOut | DetectFidelity | EmbedHeldOut | None, size: dict[str, object]) -> ModelEntry:
     import onnx
 
     src = job.source.manifest
@@ -300,6 +322,9 @@ def _write(job: QuantizeJob, model: Path, n_cal: int, final: Fidelity | DetectFi
             "evaluation": (job.evaluation.source if job.evaluation is not None else
                            f"{job.detect_eval[0]} (images {job.detect_eval[1]})" if job.detect_eval else None),
             "max_drop": job.max_drop, "ranked_by": job.rank_by,
+            **({"metric": "cosine", "min_cosine": None if job.max_drop is None else round(1 - job.max_drop, 6),
+                "max_oneshot_drop": job.max_oneshot_drop, "ways": job.episodes.ways,
+                "episodes": job.episodes.episodes} if guard_metric(src.task) == "cosine" else {}),
             "passed": final is not None and (job.max_drop is None or final.drop <= job.max_drop),
             "fidelity": final.as_dict() if final else None,
             "fidelity_all_quantized": first.as_dict() if first else None,

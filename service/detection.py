@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .imaging import Geometry
 from .imaging import decode as decode_image
 from .manifest import DetectPostprocess, Manifest
+from .postprocess import probabilities as _activate  # the one softmax/sigmoid (float32, as before)
 
 PRE_NMS_TOP_K = 1000  # candidates kept, by score, before NMS: bounds the O(K²) IoU matrix
 
@@ -69,15 +70,6 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshol
 
 
 # -- formats -------------------------------------------------------------------------------------------
-def _activate(x: np.ndarray, activation: str) -> np.ndarray:
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
-    if activation == "softmax":
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    return x
-
-
 def _dense_candidates(boxes: np.ndarray, scores: np.ndarray, score_threshold: float
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[A, 4] boxes and [A, C] scores → every (box, class) pair over the threshold, best first, capped."""

@@ -13,8 +13,9 @@ Layout under the data directory::
   ``flock`` on the gallery's lock file and re-reads the state inside it. Readers need no lock (a rename is
   atomic); they reload when the file's identity (inode, mtime, size) changes, so several server processes
   sharing a data directory see each other's writes.
-- Search is brute force: one matrix-vector product. 10 000 items × 1280 dims is 51 MB of float32 per query;
-  benchmarks/gallery_search.py measures where an ANN index would pay off (docs/embeddings.md).
+- Search is exhaustive: a float32 matrix-vector product up to ``EXACT_ITEMS``; beyond, an 8-bit scan picks
+  candidates that are then scored exactly (``service.gallery_index``: a quarter of the memory traffic).
+  benchmarks/gallery_search.py measures both against FAISS and HNSW (docs/embeddings.md).
 
 Nothing here knows HTTP or models: the caller embeds, this module stores and searches.
 """
@@ -32,12 +33,14 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import InvalidParameter, VisionServeError
+from .gallery_index import EXACT_ITEMS, MIN_CANDIDATES, CodeIndex
 
 STATE = "state.npz"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -104,15 +107,33 @@ class Gallery:
             raise GalleryNotFound(f"gallery {self.name!r} has no item {item!r}")
         return replace(self, items=self.items[:i] + self.items[i + 1:], vectors=np.delete(self.vectors, i, 0))
 
+    @cached_property
+    def codes(self) -> CodeIndex:
+        """The 8-bit index of ``vectors``, built on first use (a state is immutable: one build per state)."""
+        return CodeIndex(self.vectors)
+
+    def warm(self) -> Gallery:
+        """Build what ``search`` will need (blocking: call off the event loop); returns self."""
+        if len(self.items) > EXACT_ITEMS:
+            self.codes  # noqa: B018 (a cached property: its first read builds the index)
+        return self
+
     def search(self, query: np.ndarray, k: int) -> list[tuple[Item, float]]:
-        """The ``k`` items most similar to a unit-length ``query`` (cosine), most similar first."""
+        """The ``k`` items most similar to a unit-length ``query`` (cosine), most similar first. The
+        similarities are exact; beyond ``EXACT_ITEMS`` the 8-bit index chooses which items are scored."""
         if not self.items:
             return []
-        sims = self.vectors @ query.astype(np.float32, copy=False)
+        query = query.astype(np.float32, copy=False)
+        if len(self.items) <= EXACT_ITEMS:
+            rows = np.arange(len(self.items))
+            sims = self.vectors @ query
+        else:
+            rows = self.codes.candidates(query, max(MIN_CANDIDATES, 4 * k))
+            sims = (self.vectors[rows] * query).sum(axis=1)  # no BLAS call: no thread fan-out for 64 rows
         k = min(k, len(sims))
         top = np.argpartition(-sims, k - 1)[:k]
-        top = top[np.argsort(-sims[top], kind="stable")]
-        return [(self.items[i], float(sims[i])) for i in top]
+        top = top[np.lexsort((rows[top], -sims[top]))]  # most similar first; ties by position, as before
+        return [(self.items[rows[i]], float(sims[i])) for i in top]
 
     def describe(self) -> dict[str, Any]:
         return {"gallery": self.name, "model": self.model, "version": self.version,
@@ -196,6 +217,9 @@ class GalleryStore:
                         _write_atomic(target, lambda f, data=data: f.write(data))
                 _write_atomic(path, lambda f: _write(new, f))
                 self._collect_garbage(new)
+                st = path.stat()  # the state just written is the one readers will load: no re-read
+                with self._cache_lock:
+                    self._cache[name] = ((st.st_ino, st.st_mtime_ns, st.st_size), new)
             except OSError as e:
                 raise StorageError(f"cannot write gallery {name!r}: {e.strerror or e}") from None
             return new

@@ -7,9 +7,14 @@ import numpy as np
 from .manifest import ClassifyPostprocess, Manifest
 
 
-def probabilities(logits: np.ndarray, activation: str) -> np.ndarray:
-    """Scores → probabilities along the last axis."""
-    x = logits.astype(np.float32, copy=False)
+def probabilities(logits: np.ndarray, activation: str, dtype: type = np.float32) -> np.ndarray:
+    """Scores → probabilities along the last axis, computed in ``dtype``.
+
+    The one implementation of the manifest's ``activation`` / ``score_activation`` (softmax, sigmoid,
+    none): classify answers, detection scores (``detection.py``) and the int8 guard's confidence
+    (``quantize/guard.py``, in float64) all call it.
+    """
+    x = logits.astype(dtype, copy=False)
     if activation == "softmax":
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)

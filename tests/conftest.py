@@ -33,7 +33,7 @@ def mobilenet_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from convert.default import build_default
 
     repo = tmp_path_factory.mktemp("repo")
-    build_default(repo, with_int8=False, with_embed=False)
+    build_default(repo, with_embed=False)  # fp32 only: mobilenet_v2 and shapes_detector
     return repo
 
 

@@ -89,7 +89,7 @@ def test_server_path_matches_pytorch_detections(shapes_repo: Path) -> None:
     import torch
 
     from convert.detect_default import WEIGHTS
-    from examples.shapes_detector import build
+    from convert.shapes.model import build
     from service.detection import decode, postprocess
     from service.imaging import Preprocessor
     from service.repository import load_entry
@@ -216,14 +216,14 @@ def test_cli_convert_detect_and_import_onnx(tmp_path: Path) -> None:
     runner = CliRunner()
     repo = tmp_path / "repo"
     bad = runner.invoke(app, ["convert", "-r", str(repo), "-n", "x", "--task", "detect", "--module",
-                              "examples.shapes_detector:build", "--detect-format", "detr"])
+                              "convert.shapes.model:build", "--detect-format", "detr"])
     assert bad.exit_code != 0 and "--detect-format" in bad.output
 
     # the shapes detector from its module and weights, as docs/detection.md shows
     ok = runner.invoke(app, ["convert", "-r", str(repo), "-n", "shapes", "--task", "detect", "--module",
-                             "examples.shapes_detector:build", "--weights",
-                             str(ROOT / "examples" / "shapes_detector.pt"),
-                             "--labels", str(ROOT / "examples" / "shapes_labels.txt"), "--input-size", "256",
+                             "convert.shapes.model:build", "--weights",
+                             str(ROOT / "convert" / "shapes" / "shapes_detector.pt"),
+                             "--labels", str(ROOT / "convert" / "shapes" / "labels.txt"), "--input-size", "256",
                              "--exporter", "legacy"])
     assert ok.exit_code == 0, ok.output
     assert "format visionserve" in ok.output and "parity over" in ok.output

@@ -26,7 +26,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 images of the *val* split: calibration never sees the images the guard evaluates on (test split)."""
-    from examples.shapes_data import split, write_coco
+    from convert.shapes.data import split, write_coco
 
     out = tmp_path_factory.mktemp("shapes_val")
     write_coco(split("val", 16), out / "images", out / "annotations.json")

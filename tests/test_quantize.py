@@ -268,6 +268,6 @@ def test_synthetic_calibration_refuses_missing_or_foreign_weights(repo: Path, sp
     code, out = quantize("digits", "-r", str(repo), "--calibration", "synthetic", "--eval", str(split[1]))
     assert code != 0 and "--weights" in out
     code, out = quantize("digits", "-r", str(repo), "--calibration", "synthetic", "--eval", str(split[1]),
-                         "--weights", str(ROOT / "examples" / "shapes_detector.pt"))
+                         "--weights", str(ROOT / "convert" / "shapes" / "shapes_detector.pt"))
     assert code != 0 and "not the weights" in out
     assert versions(repo, "digits_int8") == []

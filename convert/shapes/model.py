@@ -17,8 +17,8 @@ reaches 0.980, runs 1.8x faster in int8 and is faster in fp32 too (benchmarks/de
 
 NMS is left to the server (vectorised numpy, per image), so the graph stays batchable.
 
-    visionserve convert --task detect --module examples.shapes_detector:build \\
-        --weights examples/shapes_detector.pt --labels examples/shapes_labels.txt ...
+    visionserve convert --task detect --module convert.shapes.model:build \\
+        --weights convert/shapes/shapes_detector.pt --labels convert/shapes/labels.txt ...
 """
 
 from __future__ import annotations
@@ -97,5 +97,5 @@ class ShapesDetector(nn.Module):
 
 
 def build() -> ShapesDetector:
-    """Factory for ``visionserve convert --module examples.shapes_detector:build``."""
+    """Factory for ``visionserve convert --module convert.shapes.model:build``."""
     return ShapesDetector()
