@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .http import Target
-from .payloads import KINDS
+from .payloads import kinds
 
 DEFAULT_DURATION_S = 10.0  # when neither --duration nor --requests is given
 MAX_DURATION_S = 3600.0  # the hard bound on any run, whatever else is given
@@ -78,8 +78,8 @@ class LoadConfig:
                 raise ConfigError(f"--metrics-url: {exc}") from None
         if not self.model or "/" in self.model:
             raise ConfigError("--model NAME is required (a model name, no slashes)")
-        if self.kind not in KINDS:
-            raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in kinds():
+            raise ConfigError(f"--kind must be one of {', '.join(kinds())}, got {self.kind!r}")
         if self.image is None and not self.images:
             raise ConfigError("--image FILE|DIR is required")
         if self.image is not None and not Path(self.image).exists():

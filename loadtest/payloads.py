@@ -2,7 +2,8 @@
 
 Kinds (see docs/loadtest.md and the HTTP contract):
 
-- ``classify`` / ``detect`` / ``embed``: ``POST /v1/models/{m}/<kind>`` with the raw image bytes as the body.
+- ``classify`` / ``detect`` / ``embed`` — the route of every task the service knows (``service.tasks``):
+  ``POST /v1/models/{m}/<kind>`` with the raw image bytes as the body.
 - ``identify``: ``POST /v1/galleries/{g}/identify`` with the raw image bytes; ``--model`` names the gallery.
 - ``infer``: Open Inference Protocol ``POST /v2/models/{m}/infer`` with a JSON body whose input
   ``image`` (datatype BYTES) holds the base64-encoded file.
@@ -19,7 +20,22 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("classify", "detect", "embed", "identify", "infer", "infer-binary")
+OTHER_KINDS = ("identify", "infer", "infer-binary")
+
+
+def native_kinds() -> tuple[str, ...]:
+    """The kinds that send an image to a task's native route: every registered task's route."""
+    from service.tasks import TASKS
+
+    return tuple(t.route for t in TASKS.values())
+
+
+def kinds() -> tuple[str, ...]:
+    """Every request kind (a task registered at run time included)."""
+    return (*native_kinds(), *OTHER_KINDS)
+
+
+KINDS = kinds()  # the built-in tasks' routes, then the others
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_IMAGES = 1024
 
@@ -74,7 +90,7 @@ def build_payload(
     """The request that sends ``image`` to ``model`` as ``kind``."""
     extra = dict(headers or {})
     suffix = f"?{query}" if query else ""
-    if kind in ("classify", "detect", "embed"):
+    if kind in native_kinds():
         path = f"/v1{model_path(model, version)}/{kind}{suffix}"
         return Payload("POST", path, {"Content-Type": sniff_content_type(image), **extra}, image)
     if kind == "identify":  # the gallery decides the model
@@ -100,4 +116,4 @@ def build_payload(
             **extra,
         }
         return Payload("POST", path, hdrs, header + element)
-    raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    raise ValueError(f"--kind must be one of {', '.join(kinds())}, got {kind!r}")

@@ -1,7 +1,8 @@
 """Accuracy of a repository model on a dataset, dispatched on the manifest's task.
 
-Classification reads an ImageFolder. Another task plugs in with ``@evaluator("detect")`` — a function
-``(entry, dataset_path, options) -> dict`` — and ``visionserve evaluate`` picks it up unchanged.
+Classification reads an ImageFolder, detection a COCO json. Each task names its evaluator
+(``Task.evaluator = "module:function"`` in ``service.tasks``) — a function ``(entry, dataset_path, options) ->
+dict`` — and ``visionserve evaluate`` finds it there.
 """
 
 from __future__ import annotations
@@ -33,32 +34,20 @@ class EvalOptions:
 
 
 Evaluator = Callable[[ModelEntry, Path, EvalOptions], dict[str, object]]
-EVALUATORS: dict[str, Evaluator] = {}
-
-
-def evaluator(task: str) -> Callable[[Evaluator], Evaluator]:
-    def register(fn: Evaluator) -> Evaluator:
-        EVALUATORS[task] = fn
-        return fn
-
-    return register
 
 
 def evaluate(entry: ModelEntry, dataset: Path, options: EvalOptions | None = None) -> dict[str, object]:
-    task = entry.manifest.task
-    if task not in EVALUATORS:  # a plug-in task names its evaluator (service.tasks); import it on demand
-        from service.tasks import get
+    from service.tasks import TASKS
 
-        plugin = get(task)
-        if plugin is not None and plugin.evaluator:
-            module, func = plugin.evaluator.split(":")
-            EVALUATORS[task] = getattr(importlib.import_module(module), func)
-    if task not in EVALUATORS:
-        raise DatasetError(f"evaluating {task!r} models is not supported yet (known: {sorted(EVALUATORS)})")
-    return EVALUATORS[task](entry, Path(dataset), options or EvalOptions())
+    task = TASKS.get(entry.manifest.task)
+    if task is None or not task.evaluator:
+        raise DatasetError(f"evaluating {entry.manifest.task!r} models is not supported yet (known: "
+                           f"{sorted(t.name for t in TASKS.values() if t.evaluator)})")
+    module, func = task.evaluator.split(":")
+    run: Evaluator = getattr(importlib.import_module(module), func)
+    return run(entry, Path(dataset), options or EvalOptions())
 
 
-@evaluator("classify")
 def evaluate_classifier(entry: ModelEntry, dataset: Path, options: EvalOptions) -> dict[str, object]:
     """Top-1 / top-5 accuracy on an ImageFolder, per class, and the most frequent confusions."""
     m = entry.manifest
@@ -94,7 +83,6 @@ def evaluate_classifier(entry: ModelEntry, dataset: Path, options: EvalOptions) 
     }
 
 
-@evaluator("detect")
 def evaluate_detector(entry: ModelEntry, dataset: Path, options: EvalOptions) -> dict[str, object]:
     """COCO mAP: ``dataset`` is the annotations JSON; images in ``images/`` beside it, or beside it directly."""
     from .evaluate_detect import evaluate_detection

@@ -43,7 +43,7 @@ def predict(entry: ModelEntry, files: list[Path], *, onnx_path: Path | None = No
     m = entry.manifest
     sess = session(onnx_path or entry.model_path, threads)
     names = [o.name for o in sess.get_outputs()]
-    batched = not (m.postprocess.kind == "detect" and m.postprocess.format == "torchvision")
+    batched = m.postprocess.batched  # torchvision's post-processed detectors answer for one image
     batch_size = min(batch_size, m.max_batch_size) if batched else 1
     prep = Preprocessor(m.input, m.preprocess)
     results: list[list[dict[str, object]]] = []

@@ -1,6 +1,8 @@
-"""The data plane: what every transport calls. Knows models, batching and metrics; knows nothing of HTTP.
+"""The data plane: what every transport calls. Knows models, batching and metrics; knows nothing of HTTP,
+of any task (``service.tasks`` answers for those) or of the protocols' formats (``service.oip_codec``).
 
-The life of a request: decode + preprocess (thread pool, off the event loop) → batcher → postprocess.
+The life of a request: admission and metrics (``track``) → decode + preprocess (on the inference worker, or a
+thread pool) → batcher → the task's postprocessing (``Task.answer``) or the output tensors (``infer``).
 """
 
 from __future__ import annotations
@@ -10,36 +12,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from . import __version__
-from .errors import BadTensor, DeadlineExceeded, InvalidParameter, Unavailable, VisionServeError
+from .errors import BadTensor, DeadlineExceeded, Unavailable, VisionServeError
 from .imaging import Geometry
-from .manifest import Manifest
 from .metrics import Metrics
-from .postprocess import top_k
+from .oip_codec import IMAGE_INPUT, Tensor
 from .registry import LoadedModel, Registry
 from .settings import Settings
 
 T = TypeVar("T")
-
-DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
-             "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
-IMAGE_INPUT = "image"
-
-
-@dataclass
-class Tensor:
-    """An Open Inference Protocol tensor: numeric data as an array, BYTES as a list of bytes."""
-
-    name: str
-    datatype: str
-    shape: list[int]
-    data: np.ndarray | list[bytes]
-
 
 class DataPlane:
     def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
@@ -124,38 +108,10 @@ class DataPlane:
         outputs = await model.batcher.submit(tensor, deadline)
         return outputs, geometry
 
-    # -- native API ----------------------------------------------------------------------------------
-    async def classify(self, model: LoadedModel, data: bytes, k: int, deadline: float | None
-                       ) -> dict[str, Any]:
-        _require_task(model, "classify")
-        if not 1 <= k <= self.settings.max_top_k:
-            raise InvalidParameter(f"top_k must be between 1 and {self.settings.max_top_k}, got {k}")
-        outputs, _ = await self.within(deadline, self.run_image(model, data, deadline))
-        idx = model.runners[0].output_names.index(model.manifest.postprocess.output)  # type: ignore[union-attr]
-        return {"model": model.name, "version": model.version,
-                "predictions": top_k(model.manifest, outputs[idx], k)}
-
-    async def detect(self, model: LoadedModel, data: bytes, *, score_threshold: float, iou_threshold: float,
-                     max_detections: int, deadline: float | None) -> dict[str, Any]:
-        from . import detection
-
-        _require_task(model, "detect")
-        if not 0.0 <= score_threshold <= 1.0:
-            raise InvalidParameter(f"score_threshold must be in [0, 1], got {score_threshold}")
-        if not 0.0 <= iou_threshold <= 1.0:
-            raise InvalidParameter(f"iou_threshold must be in [0, 1], got {iou_threshold}")
-        if not 1 <= max_detections <= 10_000:
-            raise InvalidParameter(f"max_detections must be between 1 and 10000, got {max_detections}")
-        outputs, geometry = await self.within(deadline, self.run_image(model, data, deadline))
-        named = dict(zip(model.runners[0].output_names, outputs))
-        dets = detection.decode(model.manifest, named, geometry, score_threshold, iou_threshold, max_detections)
-        return {"model": model.name, "version": model.version,
-                "image": {"width": geometry.width, "height": geometry.height}, "detections": dets}
-
-    # -- Open Inference Protocol ---------------------------------------------------------------------
     async def infer(self, model: LoadedModel, inputs: list[Tensor], deadline: float | None
                     ) -> tuple[list[str], list[np.ndarray]]:
-        """Run a batch given as tensors; returns output names and batched outputs."""
+        """Run a batch given as Open Inference Protocol tensors (the model's own input, or encoded images);
+        returns output names and batched outputs."""
         if len(inputs) != 1:
             raise BadTensor(f"expected exactly one input ({model.manifest.input.name!r} FP32 or {IMAGE_INPUT!r} "
                             f"BYTES), got {len(inputs)}")
@@ -198,63 +154,6 @@ class DataPlane:
         if n > model.max_batch_size:
             raise BadTensor(f"batch of {n} exceeds the model's max_batch_size {model.max_batch_size}")
 
-    def server_metadata(self) -> dict[str, Any]:
-        return {"name": "visionserve", "version": __version__,
-                "extensions": ["binary_tensor_data", "classification", "model_configuration",
-                               "model_repository"]}
-
-    def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Model metadata; for a model that is UNAVAILABLE (no READY version), from its manifest, with the state
-        and the reasons, so that the metadata says why it does not serve."""
-        try:
-            return self.model_metadata(self.registry.get(name, version))
-        except Unavailable:
-            m = self.registry.manifest(name)
-            if m is None or self.registry.versions(name):
-                raise
-            return {**self._metadata(m, None), "state": "UNAVAILABLE"}
-
-    def model_metadata(self, model: LoadedModel) -> dict[str, Any]:
-        return self._metadata(model.manifest, model.provider)
-
-    def _metadata(self, m: Manifest, provider: str | None) -> dict[str, Any]:
-        return {
-            "name": m.name,
-            "versions": self.registry.versions(m.name),
-            "platform": "onnxruntime_onnx",
-            "inputs": [
-                {"name": m.input.name, "datatype": m.input.datatype, "shape": m.input.shape},
-                {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-            ],
-            "outputs": [{"name": o.name, "datatype": o.datatype, "shape": o.shape} for o in m.outputs],
-            "parameters": {"task": m.task, "execution_provider": provider},
-            "version_states": self.registry.describe(m.name)["version_states"],
-        }
-
-    def model_config(self, model: LoadedModel) -> dict[str, Any]:
-        """Triton-style model configuration."""
-        m = model.manifest
-        gpu = model.provider != "CPUExecutionProvider"
-        return {
-            "name": m.name,
-            "platform": "onnxruntime_onnx",
-            "backend": "onnxruntime",
-            "version_policy": model.config.version_policy.triton(),
-            "max_batch_size": model.max_batch_size,
-            "input": [{"name": m.input.name, "data_type": f"TYPE_{m.input.datatype}",
-                       "format": f"FORMAT_{m.input.layout}", "dims": m.input.shape[1:]},
-                      {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1], "optional": True}],
-            "output": [{"name": o.name, "data_type": f"TYPE_{o.datatype}", "dims": o.shape[1:]}
-                       for o in m.outputs],
-            "instance_group": [{"name": m.name, "kind": "KIND_GPU" if gpu else "KIND_CPU",
-                                "count": len(model.runners)}],
-            "dynamic_batching": {"max_queue_delay_microseconds": int(model.config.max_batch_delay_ms * 1000),
-                                 "preferred_batch_size": [model.plan.batch],
-                                 "default_queue_policy": {"max_queue_size": model.config.max_queue}},
-            "parameters": {"execution_provider": {"string_value": model.provider},
-                           "task": {"string_value": m.task}},
-        }
-
     def list_models(self) -> list[dict[str, Any]]:
         """Every model the registry knows, READY or not, with each version's state (and reason)."""
         out = []
@@ -278,18 +177,6 @@ class DataPlane:
                 "instances": len(model.runners), "labels": len(m.labels),
             })
         return out
-
-
-def classification_strings(model: LoadedModel, output: np.ndarray, k: int) -> np.ndarray:
-    """Triton's classification extension: ``"score:index:label"`` strings, [N, k]."""
-    rows = [[f"{p['score']:f}:{p['index']}:{p['label']}" for p in top_k(model.manifest, row, k)]
-            for row in output]
-    return np.array(rows, dtype=object)
-
-
-def _require_task(model: LoadedModel, task: str) -> None:
-    if model.manifest.task != task:
-        raise InvalidParameter(f"model {model.name} is a {model.manifest.task} model; use /{model.manifest.task}")
 
 
 def _outcome(e: VisionServeError) -> str:

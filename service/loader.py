@@ -104,8 +104,7 @@ class ModelLoader:
         started = time.perf_counter()
         m = entry.manifest
         cfg = self.settings.for_model(m.name)
-        # torchvision's post-processed detectors answer for one image, without a batch axis
-        split = not (m.task == "detect" and getattr(m.postprocess, "format", "") == "torchvision")
+        split = m.postprocess.batched  # False: the model answers for one image, without a batch axis
         max_batch = (cfg.max_batch_size or m.max_batch_size) if split else 1
         layout = plan(cfg, max_batch, cpus=self.settings.usable_cpus())
         sessions = []

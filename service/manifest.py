@@ -15,11 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, model_validator
 
-from .tasks.embed import EmbedPostprocess
+# the built-in tasks' sections are importable from here as before (the tools and tests name them)
+from .tasks import TASKS, Section, section_for
+from .tasks.classify import ClassifyPostprocess as ClassifyPostprocess
+from .tasks.detect import DetectPostprocess as DetectPostprocess
+from .tasks.embed import EmbedPostprocess as EmbedPostprocess
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -68,38 +72,25 @@ class Preprocess(_Strict):
     pad_value: int = Field(default=114, description="letterbox padding, in 0-255 pixel units")
 
 
-class ClassifyPostprocess(_Strict):
-    """Classification: one output of shape [N, C]."""
-
-    kind: Literal["classify"] = "classify"
-    output: str
-    activation: Literal["softmax", "sigmoid", "none"] = Field(
-        default="softmax", description="what turns the output into probabilities (none: already probabilities)"
-    )
+def _known_task(name: str) -> str:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return name
 
 
-class DetectPostprocess(_Strict):
-    """Detection: how the outputs are decoded into boxes in input-tensor pixels.
-
-    ``format`` names the output layout:
-    - ``visionserve``: ``boxes`` [N, A, 4] (x1, y1, x2, y2 in input pixels) and ``scores`` [N, A, C];
-    - ``yolo``: one output [N, 4 + C (+1 objectness for v5)], A] or [N, A, 4 + C (+1)], cx, cy, w, h;
-    - ``torchvision``: post-processed ``boxes`` [K, 4], ``labels`` [K], ``scores`` [K] for one image.
-    """
-
-    kind: Literal["detect"] = "detect"
-    format: Literal["visionserve", "yolo", "torchvision"] = "visionserve"
-    outputs: list[str]
-    nms: Literal["server", "in_graph", "none"] = "server"
-    objectness: bool = False
-    label_offset: int = Field(default=0, description="added to a decoded class index before the label lookup")
-    score_activation: Literal["none", "sigmoid", "softmax"] = Field(
-        default="none", description="what turns the score outputs into probabilities (none: already are)"
-    )
+def _section(value: Any) -> Any:
+    """The ``postprocess`` section of the task its ``kind`` names (the registry's tasks only)."""
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    section = section_for(kind)
+    if section is None:
+        raise ValueError(f"postprocess 'kind' must name a task ({', '.join(TASKS)}), got {kind!r}")
+    return value if isinstance(value, section) else section.model_validate(value)
 
 
-# plug-in tasks (service.tasks) declare their own section; each adds one branch here
-Postprocess = Annotated[ClassifyPostprocess | DetectPostprocess | EmbedPostprocess, Field(discriminator="kind")]
+# a task's name, and its manifest section, as the task registry (service.tasks) knows them: a task
+# registered there is a manifest's task without a line here
+TaskName = Annotated[str, AfterValidator(_known_task)]
+Postprocess = Annotated[SerializeAsAny[Section], BeforeValidator(_section)]
 
 
 class Parity(_Strict):
@@ -133,7 +124,7 @@ class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
     version: str
-    task: Literal["classify", "detect", "embed"]
+    task: TaskName
     model_file: str = MODEL_FILE
     input: InputSpec
     outputs: list[TensorSpec]
@@ -145,16 +136,11 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
-        if self.task != self.postprocess.kind:
-            raise ValueError(f"task {self.task!r} does not match postprocess kind {self.postprocess.kind!r}")
+        kind = self.postprocess.kind  # type: ignore[attr-defined]
+        if self.task != kind:
+            raise ValueError(f"task {self.task!r} does not match postprocess kind {kind!r}")
         names = {o.name for o in self.outputs}
-        wanted = (
-            [self.postprocess.output]
-            if isinstance(self.postprocess, ClassifyPostprocess)
-            else list(self.postprocess.outputs) if isinstance(self.postprocess, DetectPostprocess)
-            else self.postprocess.reads()
-        )
-        missing = [n for n in wanted if n not in names]
+        missing = [n for n in self.postprocess.reads() if n not in names]
         if missing:
             raise ValueError(f"postprocess refers to unknown outputs {missing}; outputs are {sorted(names)}")
         if len(self.input.shape) != 4:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,36 @@ def test_a_task_declares_what_the_tools_look_up(task: str) -> None:
         module, func = t.evaluator.split(":")
         assert callable(getattr(importlib.import_module(module), func))
     assert t.route and t.response.model_fields
+
+
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+def test_every_task_is_routed_loadtested_and_guarded(task: str) -> None:
+    from quantize.guard import GUARD_METRICS
+    from service.http.app import create_app
+    from service.http.tasks import task_router
+    from service.settings import Settings
+
+    t = tasks.TASKS[task]
+    t.params()  # every query parameter has a default: the bare route works
+    doc = create_app(Settings()).openapi()["paths"][f"/v1/models/{{model}}/{t.route}"]["post"]
+    assert {p["name"] for p in doc["parameters"]} == {"model", "version", *t.params.model_fields}
+    assert {r.path for r in task_router(t).routes} == {f"/v1/models/{{model}}/{t.route}",
+                                                       f"/v1/models/{{model}}/versions/{{version}}/{t.route}"}
+    for kind in t.loadtest_kinds:  # each kind the task declares builds a request
+        assert build_payload(kind, "m", b"\xff\xd8\xff...").method == "POST"
+    assert t.guard_metric in GUARD_METRICS  # quantize's guard measures what the task declares
+
+
+def test_the_builtin_sections_are_the_manifests_and_load_the_committed_repositories() -> None:
+    from service.manifest import ClassifyPostprocess, DetectPostprocess
+
+    assert tasks.TASKS["classify"].section is ClassifyPostprocess
+    assert tasks.TASKS["detect"].section is DetectPostprocess
+    assert list(tasks.TASKS) == list(tasks.BUILT_IN)
+    for path in sorted((ROOT / "tests" / "data").glob("*_repo/*/*/manifest.json")):
+        m = Manifest.read(path.parent)
+        assert isinstance(m.postprocess, tasks.TASKS[m.task].section)
+        assert (json.dumps(m.model_dump(mode="json"), indent=2) + "\n") == path.read_text()  # byte for byte
 
 
 def test_the_manifest_takes_an_embed_section_and_checks_its_output() -> None:

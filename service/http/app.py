@@ -75,11 +75,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
 
     app.state.start_draining = start_draining
     app.add_middleware(ApiKeyMiddleware, settings=settings)
+    native_routes, extra_routes = task_routers()
+    # routes are tried in order: the tasks' native routes (the hot ones) first, so that a classify request is
+    # not matched against every other route before its own
+    for router in native_routes:
+        app.include_router(router)
     app.include_router(native.router)
     app.include_router(oip.router)
     app.include_router(repository.router)
     app.include_router(explain.router)
-    for router in task_routers():  # plug-in tasks: their native routes and what they bring
+    for router in extra_routes:  # what tasks bring (embed: galleries)
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)

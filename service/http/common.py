@@ -1,9 +1,11 @@
-"""What every route needs: body reading with a size limit, deadlines, error responses (the API key is
-checked in front of every route: ``auth.ApiKeyMiddleware``)."""
+"""What every route needs: the model-request preamble (lookup, deadline, admission and metrics), body reading
+with a size limit, error responses (the API key is checked in front of every route: ``auth.ApiKeyMiddleware``)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -11,10 +13,24 @@ from starlette.requests import ClientDisconnect
 
 from ..dataplane import DataPlane
 from ..errors import BadRequest, InvalidParameter, PayloadTooLarge, VisionServeError
+from ..registry import LoadedModel
 
 
 def dataplane(request: Request) -> DataPlane:
     return request.app.state.dataplane  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def admitted(request: Request, model: str, version: str | None, endpoint: str
+                   ) -> AsyncIterator[tuple[DataPlane, LoadedModel, float | None]]:
+    """The preamble of every request for a model: look it up (404), read its deadline (422), admit it at the
+    door (503 beyond ``max_inflight``, before the body is read) and count, time and label it as ``endpoint``
+    until the block ends. Yields the data plane, the model and the deadline."""
+    dp = dataplane(request)
+    m = dp.model(model, version)
+    due = deadline(request)
+    async with dp.track(m, endpoint):
+        yield dp, m, due
 
 
 def error_response(e: VisionServeError) -> JSONResponse:

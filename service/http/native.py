@@ -1,17 +1,16 @@
-"""The native API: ``/v1/models`` and ``classify``/``detect`` on raw or multipart image bodies."""
+"""The native API: ``/v1/models``, and how every native route reads an image (a raw or multipart body). Each
+task's route (``POST /v1/models/{m}/classify``, ``detect``, ``embed``…) is made by ``service.http.tasks``."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Request
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..errors import BadRequest, UnsupportedMedia
-from .common import dataplane, deadline, read_body
+from .common import dataplane, read_body
 
 router = APIRouter(tags=["native"])
 
@@ -56,40 +55,3 @@ async def _multipart_image(headers: Headers, body: bytes) -> bytes:
 @router.get("/v1/models", summary="Every model: versions, task, input, state, execution provider")
 async def list_models(request: Request) -> dict[str, Any]:
     return {"models": dataplane(request).list_models()}
-
-
-@router.post("/v1/models/{model}/classify", openapi_extra={"requestBody": _BODY},
-             summary="Classify one image (raw body or multipart field 'image')")
-@router.post("/v1/models/{model}/versions/{version}/classify", openapi_extra={"requestBody": _BODY},
-             include_in_schema=False)
-async def classify(request: Request, model: str, version: str | None = None,
-                   top_k: int = Query(5, description="how many classes to return")) -> Response:
-    dp = dataplane(request)
-    m = dp.model(model, version)
-    due = deadline(request)
-    async with dp.track(m, "classify"):
-        data = await image_from_request(request)
-        return JSONResponse(await dp.classify(m, data, top_k, due))  # plain JSON: skips FastAPI's re-encoding
-
-
-@router.post("/v1/models/{model}/detect", openapi_extra={"requestBody": _BODY},
-             summary="Detect objects in one image; boxes in the original image's pixels")
-@router.post("/v1/models/{model}/versions/{version}/detect", openapi_extra={"requestBody": _BODY},
-             include_in_schema=False)
-async def detect(request: Request, model: str, version: str | None = None,
-                 score_threshold: float = Query(0.25), iou_threshold: float = Query(0.45),
-                 max_detections: int = Query(100),
-                 annotate: bool = Query(False, description="return the image with boxes drawn (PNG)")) -> Any:
-    dp = dataplane(request)
-    m = dp.model(model, version)
-    due = deadline(request)
-    async with dp.track(m, "detect"):
-        data = await image_from_request(request)
-        result = await dp.detect(m, data, score_threshold=score_threshold, iou_threshold=iou_threshold,
-                                 max_detections=max_detections, deadline=due)
-    if annotate:
-        from ..detection import annotate as draw
-
-        png = await asyncio.get_running_loop().run_in_executor(None, draw, data, result["detections"])
-        return Response(png, media_type="image/png")
-    return JSONResponse(result)

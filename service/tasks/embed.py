@@ -68,6 +68,7 @@ class EmbedTask(Task):
 
     def oip_output(self, model: LoadedModel, name: str, array: np.ndarray, parameters: dict[str, Any]
                    ) -> np.ndarray:
+        array = super().oip_output(model, name, array, parameters)
         post = model.manifest.postprocess
         assert isinstance(post, EmbedPostprocess)
         if name == post.output and not post.normalized:  # the contract: the vector is unit length
