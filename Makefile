@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 ## models: build the default model repository (idempotent)
 models: setup
-	$(BIN)/python -m quantize.default --repository $(REPO)
+	$(BIN)/python -m visionserve.quantize.default --repository $(REPO)
 
 ## demo: set up, build the default models and serve them on http://$(HOST):$(PORT)
 demo: models

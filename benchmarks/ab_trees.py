@@ -32,6 +32,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trees import importable  # noqa: E402
+
 IMAGE = ROOT / "examples" / "images" / "cat.jpg"
 
 
@@ -42,10 +46,11 @@ def free_port() -> int:
 
 
 def start(tree: Path, repository: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m service serve`` with the tree as working directory (its ``service`` package is the one run)."""
+    """``visionserve serve`` from ``tree``'s own code (``trees.importable``)."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--repository", str(repository),
+    env, package = importable(tree)
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", package, "serve", "--repository", str(repository),
                              "--port", str(port)], cwd=tree, env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -90,7 +95,7 @@ def load(url: str, pid: int, kind: str, model: str, args: argparse.Namespace, ou
     """One closed-loop run of the candidate tree's load generator against ``url``, and the server's CPU time
     per request over it (warm-up included: CPU time and the server's request count cover the same span)."""
     cpu0, n0 = cpu_seconds(pid), answered(url)
-    cmd = [sys.executable, "-m", "service", "loadtest", url, "--model", model, "--kind", kind, "--image",
+    cmd = [sys.executable, "-m", "visionserve.service", "loadtest", url, "--model", model, "--kind", kind, "--image",
            str(args.image), "--concurrency", str(args.concurrency), "--duration", str(args.duration),
            "--warmup", str(args.warmup), "--json", str(out), "-q", "--no-metrics"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,

@@ -28,13 +28,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from convert.detect_default import build_default_detector  # noqa: E402
-from convert.shapes.data import split, write_coco  # noqa: E402
-from quantize.detect import float_nodes  # noqa: E402  (shared with `visionserve quantize`)
-from quantize.evaluate_detect import evaluate_detection  # noqa: E402
-from service.detection import decode, finish  # noqa: E402
-from service.imaging import Preprocessor  # noqa: E402
-from service.repository import ModelEntry  # noqa: E402
+from visionserve.convert.detect_default import build_default_detector  # noqa: E402
+from visionserve.convert.shapes.data import split, write_coco  # noqa: E402
+from visionserve.quantize.detect import float_nodes  # noqa: E402  (shared with `visionserve quantize`)
+from visionserve.quantize.evaluate_detect import evaluate_detection  # noqa: E402
+from visionserve.service.detection import decode, finish  # noqa: E402
+from visionserve.service.imaging import Preprocessor  # noqa: E402
+from visionserve.service.repository import ModelEntry  # noqa: E402
 
 
 def quantize_int8(entry: ModelEntry, out: Path, calibration: list[np.ndarray], *, reduce_range: bool,

@@ -36,10 +36,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from convert.samples import sample_image  # noqa: E402
-from loadtest.config import LoadConfig  # noqa: E402
-from loadtest.runner import run_load  # noqa: E402
-from service.galleries import Gallery, GalleryStore, Item  # noqa: E402
+from visionserve.convert.samples import sample_image  # noqa: E402
+from visionserve.loadtest.config import LoadConfig  # noqa: E402
+from visionserve.loadtest.runner import run_load  # noqa: E402
+from visionserve.service.galleries import Gallery, GalleryStore, Item  # noqa: E402
 
 EMBED, CLASSIFY = "mobilenet_v2_embed", "mobilenet_v2"
 SKIMAGE = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle", "hubble_deep_field", "camera", "coins",
@@ -79,7 +79,7 @@ def start(repo: Path, data: Path) -> tuple[str, subprocess.Popen[bytes]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(data / "server.log", "wb")  # noqa: SIM115 - the server's whole life
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--repository", str(repo), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "visionserve.service", "serve", "--repository", str(repo), "--port",
                              str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, "VISIONSERVE_DATA_DIR": str(data)})
     url = f"http://127.0.0.1:{port}"

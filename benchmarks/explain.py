@@ -87,7 +87,7 @@ def live_p99(url: str, model: str, load: str, duration: float, tmp: Path, tag: s
     out = tmp / f"{tag}.json"
     kind, value = load.split(":")
     shape = ["--rate", value, "--arrival", "poisson"] if kind == "rate" else ["--concurrency", value]
-    subprocess.run([sys.executable, "-m", "service", "loadtest", url, "--model", model, "--image", str(CAT),
+    subprocess.run([sys.executable, "-m", "visionserve.service", "loadtest", url, "--model", model, "--image", str(CAT),
                     *shape, "--duration", str(duration), "--json", str(out),
                     "-q", "--timeout", "30"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
                    timeout=duration + 120)

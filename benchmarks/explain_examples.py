@@ -28,7 +28,8 @@ SHAPES = ROOT / "tests" / "data" / "shapes" / "images" / "shapes_00001.jpg"
 
 
 def cli(url: str, image: Path, model: str, method: str, out: Path) -> Image.Image:
-    done = subprocess.run([sys.executable, "-m", "service", "explain", str(image), "--url", url, "--model", model,
+    done = subprocess.run([sys.executable, "-m", "visionserve.service",
+                           "explain", str(image), "--url", url, "--model", model,
                            "--method", method, "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     if done.returncode:

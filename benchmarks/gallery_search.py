@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.gallery_index import MIN_CANDIDATES, CodeIndex
+from visionserve.service.gallery_index import MIN_CANDIDATES, CodeIndex
 
 
 def unit(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:

@@ -50,7 +50,7 @@ def free_port() -> int:
 
 def start(repo: Path, model: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--repository", str(repo), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "visionserve.service", "serve", "--repository", str(repo), "--port",
                              str(port), "--log-level", "warning"], cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

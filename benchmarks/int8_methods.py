@@ -25,15 +25,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quantize.data import ImageSet, load_tensors, open_set  # noqa: E402
-from quantize.guard import fidelity  # noqa: E402
-from quantize.heldout import held_out  # noqa: E402
-from quantize.int8 import calibrate, preprocess_model, quantize_with, settings_for  # noqa: E402
-from quantize.measure import compare_speed, predict, session  # noqa: E402
-from quantize.natural import jittered  # noqa: E402
-from quantize.slim import slim  # noqa: E402
-from service.imaging import Preprocessor  # noqa: E402
-from service.repository import load_entry, versions  # noqa: E402
+from visionserve.quantize.data import ImageSet, load_tensors, open_set  # noqa: E402
+from visionserve.quantize.guard import fidelity  # noqa: E402
+from visionserve.quantize.heldout import held_out  # noqa: E402
+from visionserve.quantize.int8 import calibrate, preprocess_model, quantize_with, settings_for  # noqa: E402
+from visionserve.quantize.measure import compare_speed, predict, session  # noqa: E402
+from visionserve.quantize.natural import jittered  # noqa: E402
+from visionserve.quantize.slim import slim  # noqa: E402
+from visionserve.service.imaging import Preprocessor  # noqa: E402
+from visionserve.service.repository import load_entry, versions  # noqa: E402
 
 METHODS = {
     "ort-minmax": "ONNX Runtime quantize_static, MinMax, per-channel",
@@ -54,7 +54,7 @@ METHODS = {
 
 def build(method: str, pre: Path, out: Path, cal: np.ndarray, sel: np.ndarray, ref_sel: np.ndarray,
           input_name: str, work: Path, synthetic: np.ndarray | None) -> Path:
-    from quantize.nncf_ptq import nncf_quantize
+    from visionserve.quantize.nncf_ptq import nncf_quantize
 
     raw = out.with_suffix(".raw.onnx")
     if method.startswith("ort-"):
@@ -85,7 +85,7 @@ def accuracy_control(pre: Path, out: Path, cal: np.ndarray, sel: np.ndarray, ref
     import onnx
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
-    from quantize.guard import CONFIDENT, confidence
+    from visionserve.quantize.guard import CONFIDENT, confidence
 
     conf = confidence(ref_sel) >= CONFIDENT
     xs, labels = sel[conf], ref_sel[conf].argmax(1)
@@ -127,9 +127,9 @@ def main() -> None:
     fp32 = load_entry(args.repository / "mobilenet_v2" / versions(args.repository, "mobilenet_v2")[-1])
     m = fp32.manifest
     if args.distill:
-        from convert.default import mobilenet_v2_weights
-        from convert.sources import load_source
-        from quantize.synthetic import distill
+        from visionserve.convert.default import mobilenet_v2_weights
+        from visionserve.convert.sources import load_source
+        from visionserve.quantize.synthetic import distill
 
         t = time.perf_counter()
         np.save(args.distill, distill(load_source(arch="mobilenet_v2", weights=mobilenet_v2_weights()).model))

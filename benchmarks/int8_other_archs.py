@@ -25,15 +25,15 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from convert.pipeline import ConvertOptions, convert_model
-    from convert.sources import load_source
-    from quantize.data import load_tensors, open_set
-    from quantize.heldout import held_out
-    from quantize.int8 import calibrate, preprocess_model, quantize_with, settings_for
-    from quantize.measure import predict, session
-    from quantize.nncf_ptq import nncf_quantize
-    from quantize.slim import slim
-    from service.imaging import Preprocessor
+    from visionserve.convert.pipeline import ConvertOptions, convert_model
+    from visionserve.convert.sources import load_source
+    from visionserve.quantize.data import load_tensors, open_set
+    from visionserve.quantize.heldout import held_out
+    from visionserve.quantize.int8 import calibrate, preprocess_model, quantize_with, settings_for
+    from visionserve.quantize.measure import predict, session
+    from visionserve.quantize.nncf_ptq import nncf_quantize
+    from visionserve.quantize.slim import slim
+    from visionserve.service.imaging import Preprocessor
 
     logging.basicConfig(level=logging.ERROR, force=True)
     archs = sys.argv[1:] or ["resnet18", "mobilenet_v3_small"]

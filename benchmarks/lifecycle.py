@@ -28,8 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.manifest import Manifest  # noqa: E402
-from service.repository import valid_entries, write_version  # noqa: E402
+from visionserve.service.manifest import Manifest  # noqa: E402
+from visionserve.service.repository import valid_entries, write_version  # noqa: E402
 
 IMAGE = ROOT / "examples" / "images" / "cat.jpg"
 
@@ -68,7 +68,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vs-lifecycle-"))
     source_repo = args.repository
     if not (source_repo.is_dir() and any(valid_entries(source_repo, "mobilenet_v2"))):
-        from convert.default import build_default
+        from visionserve.convert.default import build_default
 
         source_repo = tmp / "source"
         build_default(source_repo)  # fp32 entries only
@@ -78,7 +78,7 @@ def main() -> None:
     port = 18000 + int(time.time()) % 1000
     url = f"http://127.0.0.1:{port}"
     log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "-r", str(repo), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "visionserve.service", "serve", "-r", str(repo), "--port", str(port),
                              "--model-control", "poll"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     answers: list[tuple[float, float, int, str]] = []  # sent, latency, status, version
     stop = threading.Event()

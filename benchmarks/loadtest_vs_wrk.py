@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loadtest.config import LoadConfig  # noqa: E402
-from loadtest.runner import run_load  # noqa: E402
+from visionserve.loadtest.config import LoadConfig  # noqa: E402
+from visionserve.loadtest.runner import run_load  # noqa: E402
 
 IMAGE = ROOT / "examples" / "images" / "cat.jpg"
 # agreement margin at concurrency 1: |ours − wrk| ≤ max(ABS_US, REL × wrk), judged on p50 (p90/p99 are
@@ -44,7 +44,7 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "loadtest.testserver", "--port", "0", "--max-seconds", "900", *args]
+    cmd = [sys.executable, "-m", "visionserve.loadtest.testserver", "--port", "0", "--max-seconds", "900", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # type: ignore[union-attr]
     if not line.startswith("listening on "):

@@ -23,11 +23,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quantize.data import load_tensors, open_set, scan_folder  # noqa: E402
-from quantize.guard import fidelity  # noqa: E402
-from quantize.measure import compare_speed, predict, session  # noqa: E402
-from service.imaging import Preprocessor  # noqa: E402
-from service.repository import load_entry, versions  # noqa: E402
+from visionserve.quantize.data import load_tensors, open_set, scan_folder  # noqa: E402
+from visionserve.quantize.guard import fidelity  # noqa: E402
+from visionserve.quantize.measure import compare_speed, predict, session  # noqa: E402
+from visionserve.service.imaging import Preprocessor  # noqa: E402
+from visionserve.service.repository import load_entry, versions  # noqa: E402
 
 
 def latest(repo: Path, name: str):
@@ -53,7 +53,7 @@ def row(name: str, fp32, int8, x: np.ndarray, targets, rounds: int, repeats: int
 
 def variants(fp32, threads: int, rounds: int, repeats: int) -> list[str]:
     """Each target's settings and QOperator vs QDQ on MobileNetV2, one calibration (MinMax) for all."""
-    from quantize.int8 import TensorReader, preprocess_model, quantize_with, settings_for
+    from visionserve.quantize.int8 import TensorReader, preprocess_model, quantize_with, settings_for
 
     prep = Preprocessor(fp32.manifest.input, fp32.manifest.preprocess, draft=False)
     cal = load_tensors(open_set("natural", role="calibration", count=256), prep)
@@ -99,10 +99,10 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true", help="also compare target settings and QOperator")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR, force=True)
-    from quantize.default import build_repository
-    from quantize.int8 import detect_target, settings_for
-    from quantize.models import resolve
-    from quantize.pipeline import QuantizeJob, run_quantize
+    from visionserve.quantize.default import build_repository
+    from visionserve.quantize.int8 import detect_target, settings_for
+    from visionserve.quantize.models import resolve
+    from visionserve.quantize.pipeline import QuantizeJob, run_quantize
 
     build_repository(args.repository)  # idempotent: builds mobilenet_v2 and mobilenet_v2_int8 if missing
     lines = [f"CPU target detected: {detect_target()}; ONNX Runtime, {args.threads} threads; medians of "

@@ -27,11 +27,11 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from convert.samples import SAMPLES, encode, sample_image  # noqa: E402
-from service.imaging import Preprocessor  # noqa: E402
-from service.manifest import Manifest  # noqa: E402
-from service.repository import versions  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from visionserve.convert.samples import SAMPLES, encode, sample_image  # noqa: E402
+from visionserve.service.imaging import Preprocessor  # noqa: E402
+from visionserve.service.manifest import Manifest  # noqa: E402
+from visionserve.service.repository import versions  # noqa: E402
+from visionserve.service.settings import Settings  # noqa: E402
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -26,14 +25,17 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# run inside one tree's process: ``python request_path.py --child REPO N`` with cwd and PYTHONPATH = the tree
+from trees import importable  # noqa: E402
+
+# run inside one tree's process (``python -c CHILD REPO N TARGETS``, cwd = the tree; PKG: trees.importable)
 CHILD = r'''
 import asyncio, io, json, sys, time
 import httpx
 from PIL import Image
-from service.http.app import create_app
-from service.settings import Settings
+from PKG.http.app import create_app
+from PKG.settings import Settings
 
 repo, n = sys.argv[1], int(sys.argv[2])
 targets = json.loads(sys.argv[3])
@@ -81,8 +83,10 @@ def build_repository(repo: Path, detector: Path | None) -> list[list[str]]:
 
 def run(tree: Path, repo: Path, n: int, targets: list[list[str]]) -> dict[str, dict[str, float]]:
     # no solo session: its spin-waiting threads would bill CPU time that is not the request path's
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "VISIONSERVE_DEFAULTS__SOLO_THREADS": "0"}
-    r = subprocess.run([sys.executable, "-c", CHILD, str(repo), str(n), json.dumps(targets)], cwd=tree, env=env,
+    env, package = importable(tree)
+    env.update({"OMP_NUM_THREADS": "1", "VISIONSERVE_DEFAULTS__SOLO_THREADS": "0"})
+    child = CHILD.replace("PKG", package)
+    r = subprocess.run([sys.executable, "-c", child, str(repo), str(n), json.dumps(targets)], cwd=tree, env=env,
                        capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"{tree}: {r.stderr[-3000:]}")

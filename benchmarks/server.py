@@ -35,7 +35,7 @@ def start_server(repo: Path, tmp: Path, env: dict[str, str] | None = None, timeo
     port = free_port()
     log = tmp / f"server-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--repository", str(repo), "--port", str(port)],
+        [sys.executable, "-m", "visionserve.service", "serve", "--repository", str(repo), "--port", str(port)],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )

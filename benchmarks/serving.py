@@ -41,10 +41,10 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.cpus import available_cpus  # noqa: E402
-from service.imaging import Preprocessor  # noqa: E402
-from service.manifest import Manifest  # noqa: E402
-from service.repository import valid_entries  # noqa: E402
+from visionserve.service.cpus import available_cpus  # noqa: E402
+from visionserve.service.imaging import Preprocessor  # noqa: E402
+from visionserve.service.manifest import Manifest  # noqa: E402
+from visionserve.service.repository import valid_entries  # noqa: E402
 
 IMAGE = ROOT / "examples" / "images" / "cat.jpg"
 LUA = """wrk.method = "POST"
@@ -225,8 +225,8 @@ def wrk(server: Running, url: str, connections: int, seconds: float, lua: Path) 
 
 
 def open_loop(url: str, rate: float, seconds: float) -> Load:
-    from loadtest.config import LoadConfig
-    from loadtest.runner import run_load
+    from visionserve.loadtest.config import LoadConfig
+    from visionserve.loadtest.runner import run_load
 
     model = url.rsplit("/", 2)[-2]
     base = url.split("/v1/")[0]

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import IMAGE, LUA, start_visionserve  # noqa: E402
-from service.repository import valid_entries  # noqa: E402
+from visionserve.service.repository import valid_entries  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from service.cli_util import fail, parse_size, parse_triple
+from visionserve.service.cli_util import fail, parse_size, parse_triple
 
 Opt = typer.Option
 
@@ -53,7 +53,7 @@ def convert(
                                                              "(no parity proof)")] = None,
 ) -> None:
     """Export a PyTorch model to ONNX, prove parity with PyTorch, and add it to a model repository."""
-    from service.manifest import Preprocess
+    from visionserve.service.manifest import Preprocess
 
     from .pipeline import CONVERSION_ERRORS, ConvertOptions, convert_model, read_labels
     from .sources import load_source

@@ -6,8 +6,8 @@
 Idempotent: an existing, readable entry is kept.
 
 The whole default repository — these plus their guarded int8 versions, what ``make models`` builds — is
-``python -m quantize.default`` (quantize/default.py): quantize uses convert, never the other way round.
-``python -m convert.default`` builds the fp32 entries only.
+``python -m visionserve.quantize.default`` (quantize/default.py): quantize uses convert, never the other way round.
+``python -m visionserve.convert.default`` builds the fp32 entries only.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import typer
 
-from service.repository import has_valid_version
+from visionserve.service.repository import has_valid_version
 
 log = logging.getLogger("visionserve.convert")
 EMBED_NAME = "mobilenet_v2_embed"
 
 
 def imagenet_labels() -> list[str]:
-    text = resources.files("convert").joinpath("data/imagenet_classes.txt").read_text()
+    text = resources.files("visionserve.convert").joinpath("data/imagenet_classes.txt").read_text()
     return [line for line in text.splitlines() if line]
 
 
@@ -87,7 +87,7 @@ def main(
     repository: Path = typer.Option(Path("model_repository"), "--repository", "-r"),
     embed: bool = typer.Option(True, help="also build mobilenet_v2_embed (ImageNet MobileNetV2 embeddings)"),
 ) -> None:
-    """Build the fp32 entries of the default model repository (with int8: python -m quantize.default)."""
+    """Build the fp32 entries of the default model repository (with int8: python -m visionserve.quantize.default)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     build_default(repository, with_embed=embed)
 

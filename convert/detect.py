@@ -22,9 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.imaging import Preprocessor
-from service.manifest import DetectPostprocess, InputSpec, Manifest, Parity, Preprocess, Provenance, sha256_file
-from service.repository import ModelEntry, write_version
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import (
+    DetectPostprocess,
+    InputSpec,
+    Manifest,
+    Parity,
+    Preprocess,
+    Provenance,
+    sha256_file,
+)
+from visionserve.service.repository import ModelEntry, write_version
 
 from .parity import ParityError
 from .pipeline import ConvertOptions, _output_specs, convert_model

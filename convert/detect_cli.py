@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli_util import fail, parse_triple
+from visionserve.service.cli_util import fail, parse_triple
 
 log = logging.getLogger("visionserve.convert")
 
@@ -18,7 +18,7 @@ def convert_detect(*, repository: Path, name: str, arch: str | None, module: str
                    std: str | None, scale: float, channel_order: str, detect_format: str, output_names: str | None,
                    score_activation: str, objectness: bool, label_offset: int, exporter: str, opset: int,
                    atol: float, rtol: float, max_batch_size: int, overwrite: bool) -> None:
-    from service.manifest import DetectPostprocess
+    from visionserve.service.manifest import DetectPostprocess
 
     from .detect import default_outputs, default_preprocess, import_onnx_detector, torchvision_labels
     from .pipeline import CONVERSION_ERRORS, read_labels

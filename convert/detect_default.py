@@ -2,7 +2,7 @@
 
 Idempotent: an entry that reads back, matches its checksum and was built from the same weights is kept.
 
-    python -m convert.detect_default --repository model_repository
+    python -m visionserve.convert.detect_default --repository model_repository
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import typer
 
-from service.manifest import DetectPostprocess, sha256_file
-from service.repository import ModelEntry, valid_entries
+from visionserve.service.manifest import DetectPostprocess, sha256_file
+from visionserve.service.repository import ModelEntry, valid_entries
 
 from .shapes import LABELS, WEIGHTS
 
@@ -39,7 +39,7 @@ def build_default_detector(repo: Path, name: str = NAME) -> ModelEntry:
         return entry
     from .shapes.model import INPUT_SIZE
 
-    source = load_source(module="convert.shapes.model:build", weights=WEIGHTS)
+    source = load_source(module="visionserve.convert.shapes.model:build", weights=WEIGHTS)
     opts = ConvertOptions(
         name=name, repository=repo, task="detect", input_size=(INPUT_SIZE, INPUT_SIZE),
         preprocess=default_preprocess("visionserve"), labels=read_labels(LABELS),

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.manifest import Parity
+from visionserve.service.manifest import Parity
 
 from .ort_cpu import cpu_session
 

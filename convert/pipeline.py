@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from service.imaging import Preprocessor
-from service.manifest import (
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import (
     ClassifyPostprocess,
     DetectPostprocess,
     InputSpec,
@@ -24,8 +24,8 @@ from service.manifest import (
     TensorSpec,
     sha256_file,
 )
-from service.repository import ModelEntry, RepositoryError, write_version
-from service.tasks.embed import EmbedPostprocess
+from visionserve.service.repository import ModelEntry, RepositoryError, write_version
+from visionserve.service.tasks.embed import EmbedPostprocess
 
 from .export import Exporter, ExportError, export_onnx
 from .parity import ParityCheck, ParityError, compare

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.manifest import sha256_file
+from visionserve.service.manifest import sha256_file
 
 
 class SourceError(Exception):

@@ -233,10 +233,10 @@ def main() -> None:
         img.convert("L").save(d / f"{int(i):04d}.png", optimize=True)
     print(f"unseen digits 5-9, 5-way 1-shot (PyTorch, 500 episodes): {mean:.2%} ± {std:.2%}")
     if args.repository:
-        from convert.embed import embedder
-        from convert.pipeline import ConvertOptions, convert_model
-        from convert.sources import Source
-        from service.manifest import Preprocess
+        from visionserve.convert.embed import embedder
+        from visionserve.convert.pipeline import ConvertOptions, convert_model
+        from visionserve.convert.sources import Source
+        from visionserve.service.manifest import Preprocess
 
         pre = Preprocess(resize=SIZE, mean=(MEAN,) * 3, std=(STD,) * 3)
         source = Source(embedder(model, None), "module:examples.train_digits_oneshot:oneshot_net (embedding at "

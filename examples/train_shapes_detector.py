@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from convert.shapes import LABELS, WEIGHTS  # noqa: E402  (the committed weights live in the product)
-from convert.shapes.data import CLASSES, Sample, split, write_coco  # noqa: E402
-from convert.shapes.model import INPUT_SIZE, STRIDE, ShapesDetector  # noqa: E402
-from service.imaging import Preprocessor  # noqa: E402
-from service.manifest import InputSpec, Preprocess  # noqa: E402
+from visionserve.convert.shapes import LABELS, WEIGHTS  # noqa: E402  (the committed weights live in the product)
+from visionserve.convert.shapes.data import CLASSES, Sample, split, write_coco  # noqa: E402
+from visionserve.convert.shapes.model import INPUT_SIZE, STRIDE, ShapesDetector  # noqa: E402
+from visionserve.service.imaging import Preprocessor  # noqa: E402
+from visionserve.service.manifest import InputSpec, Preprocess  # noqa: E402
 
 TEST_SPLIT = ROOT / "tests" / "data" / "shapes"
 SPEC = InputSpec(name="input", shape=[-1, 3, INPUT_SIZE, INPUT_SIZE])
@@ -181,7 +181,7 @@ def train(args: argparse.Namespace) -> ShapesDetector:
 def predict(model: ShapesDetector, samples: list[Sample], score_threshold: float = 0.01
             ) -> list[list[dict[str, object]]]:
     """Detections per sample in original pixels, through the server's preprocessing and decoding."""
-    from service.detection import postprocess
+    from visionserve.service.detection import postprocess
 
     prep = Preprocessor(SPEC, PREPROCESS, draft=False)
     out = []

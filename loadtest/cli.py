@@ -261,8 +261,8 @@ def tune(
     """Sweep instances x intra-op threads x batch x delay against a p99 target; write the best serving config."""
     from rich.console import Console
 
-    from service.cpus import available_cpus
-    from service.repository import RepositoryError, valid_entries
+    from visionserve.service.cpus import available_cpus
+    from visionserve.service.repository import RepositoryError, valid_entries
 
     from .tune import grid
     from .tune import tune as run_tune

@@ -25,7 +25,7 @@ OTHER_KINDS = ("identify", "infer", "infer-binary")
 
 def native_kinds() -> tuple[str, ...]:
     """The kinds that send an image to a task's native route: every registered task's route."""
-    from service.tasks import TASKS
+    from visionserve.service.tasks import TASKS
 
     return tuple(t.route for t in TASKS.values())
 

@@ -5,7 +5,7 @@ It answers the visionserve routes the generator uses (classify, detect, OIP infe
 every request that arrives inside periodic stall windows. It checks that request bodies are
 encoded as the contract says (400 otherwise) and exposes visionserve-style histograms.
 
-    python -m loadtest.testserver --port 0 --latency-ms 5 --error-every 10
+    python -m visionserve.loadtest.testserver --port 0 --latency-ms 5 --error-every 10
     # prints "listening on http://127.0.0.1:PORT" once ready
 """
 
@@ -179,7 +179,7 @@ async def serve(behaviour: Behaviour, host: str = "127.0.0.1", port: int = 0) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.testserver", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m visionserve.loadtest.testserver", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--latency-ms", type=float, default=0.0)

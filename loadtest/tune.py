@@ -115,7 +115,8 @@ def evaluate(candidate: Candidate, *, model_dir: Path, model: str, images: list[
     url = f"http://127.0.0.1:{port}"
     log = workdir / "serve.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--repository", str(repo), "--port", str(port), "--config",
+        [sys.executable, "-m", "visionserve.service",
+         "serve", "--repository", str(repo), "--port", str(port), "--config",
          str(config), "--log-level", "warning"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT,
         env={k: v for k, v in os.environ.items() if not k.startswith("VISIONSERVE_")},
@@ -213,7 +214,7 @@ def _plot(outcomes: list[Outcome], winner: Outcome | None, slo: float, path: Pat
 def tune(model_dir: Path, model: str, images: list[bytes], candidates: list[Candidate], *, slo_p99_ms: float,
          duration: float, max_steps: int, out: Path, report_dir: Path,
          progress: Callable[[int, int, Outcome], None] | None = None) -> tuple[list[Outcome], Outcome | None]:
-    from service.cpus import available_cpus
+    from visionserve.service.cpus import available_cpus
 
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="visionserve-tune-") as tmp:

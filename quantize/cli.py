@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from service.cli_util import fail
+from visionserve.service.cli_util import fail
 
 Opt = typer.Option
 Arg = typer.Argument
@@ -78,7 +78,7 @@ def quantize(
     _setup_logging()
     from pydantic import ValidationError
 
-    from service.repository import RepositoryError
+    from visionserve.service.repository import RepositoryError
 
     from .data import DatasetError, hold_out, open_set
     from .evaluate_embed import Episodes
@@ -244,7 +244,7 @@ def evaluate(
     episodes: Annotated[int, Opt(help="embed models: one-shot episodes to average over")] = 500,
 ) -> None:
     """Accuracy of a model on a labelled dataset (top-1/top-5, per class, confusions; N-way 1-shot for embed)."""
-    from service.repository import RepositoryError
+    from visionserve.service.repository import RepositoryError
 
     from .data import DatasetError
     from .evaluate import EvalOptions, render
@@ -284,8 +284,8 @@ def prune(
 ) -> None:
     """Structural channel pruning (Torch-Pruning, DepGraph); the classifier head is left alone."""
     _setup_logging()
-    from service.cli_util import parse_triple
-    from service.manifest import Preprocess
+    from visionserve.service.cli_util import parse_triple
+    from visionserve.service.manifest import Preprocess
 
     from .data import DatasetError
     from .prune import PruneError, PruneOptions, run_prune
@@ -329,11 +329,11 @@ def optimize(
 ) -> None:
     """prune? → convert → quantize → evaluate, with a report of size, MACs, latency and accuracy per stage."""
     _setup_logging()
-    from convert.export import ExportError
-    from convert.parity import ParityError
-    from convert.sources import SourceError
-    from service.cli_util import parse_triple
-    from service.repository import RepositoryError
+    from visionserve.convert.export import ExportError
+    from visionserve.convert.parity import ParityError
+    from visionserve.convert.sources import SourceError
+    from visionserve.service.cli_util import parse_triple
+    from visionserve.service.repository import RepositoryError
 
     from .data import DatasetError
     from .int8 import QuantizeError

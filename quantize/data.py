@@ -15,9 +15,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from service.errors import BadImage, PayloadTooLarge
-from service.imaging import Preprocessor
-from service.manifest import Manifest
+from visionserve.service.errors import BadImage, PayloadTooLarge
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import Manifest
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
 NATURAL = "natural"

@@ -1,6 +1,6 @@
 """The default model repository (``make models``): the fp32 entries (convert/default.py) and their int8.
 
-    python -m quantize.default --repository model_repository
+    python -m visionserve.quantize.default --repository model_repository
 
 This module is the one place that builds with both tools: quantize uses convert, convert never imports
 quantize (tests/test_import_rules.py).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import typer
 
-from service.repository import has_valid_version, valid_entries
+from visionserve.service.repository import has_valid_version, valid_entries
 
 SOURCE = "mobilenet_v2"
 NAME = "mobilenet_v2_int8"
@@ -43,7 +43,7 @@ DETECTOR_HELD_OUT = 200  # the next images of the test split: reported, never us
 
 def build_repository(repo: Path, int8: bool = True, embed: bool = True) -> None:
     """Everything ``make models`` builds into ``repo`` (idempotent: readable, current entries are kept)."""
-    from convert.default import build_default
+    from visionserve.convert.default import build_default
 
     build_default(repo, with_embed=embed)
     if int8:
@@ -94,7 +94,7 @@ def _derives_from(repo: Path, name: str, parent: str) -> bool:
 def build_default_detector_int8(repo: Path) -> None:
     import tempfile
 
-    from convert.shapes.data import split, write_coco
+    from visionserve.convert.shapes.data import split, write_coco
 
     from .data import scan_folder
     from .int8 import detect_target, settings_for

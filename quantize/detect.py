@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.repository import ModelEntry
+from visionserve.service.repository import ModelEntry
 
 
 def tail_nodes(model: Any) -> list[str]:

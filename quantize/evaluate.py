@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.imaging import Preprocessor
-from service.repository import ModelEntry
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.repository import ModelEntry
 
 from .data import DatasetError, load_tensors, map_classes, scan_folder
 from .guard import topk_hits
@@ -37,7 +37,7 @@ Evaluator = Callable[[ModelEntry, Path, EvalOptions], dict[str, object]]
 
 
 def evaluate(entry: ModelEntry, dataset: Path, options: EvalOptions | None = None) -> dict[str, object]:
-    from service.tasks import TASKS
+    from visionserve.service.tasks import TASKS
 
     task = TASKS.get(entry.manifest.task)
     if task is None or not task.evaluator:

@@ -4,7 +4,7 @@ Each image file goes through the model's ``service.imaging.Preprocessor`` (EXIF,
 stretch), batches of ``max_batch_size`` run in ONNX Runtime, and ``service.detection.decode`` maps each
 image's slice back to original pixels; pycocotools scores the result.
 
-    from quantize.evaluate_detect import evaluate_detection
+    from visionserve.quantize.evaluate_detect import evaluate_detection
     evaluate_detection(entry, Path("tests/data/shapes/annotations.json"), Path("tests/data/shapes/images"))
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from service.detection import decode
-from service.imaging import Preprocessor
-from service.repository import ModelEntry
+from visionserve.service.detection import decode
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.repository import ModelEntry
 
 from .measure import session
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.imaging import Preprocessor
-from service.repository import ModelEntry
-from service.tasks.embed import EmbedPostprocess, l2_normalise
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.repository import ModelEntry
+from visionserve.service.tasks.embed import EmbedPostprocess, l2_normalise
 
 from .data import DatasetError, load_tensors, scan_folder
 from .measure import predict, session

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.postprocess import probabilities
+from visionserve.service.postprocess import probabilities
 
 log = logging.getLogger("visionserve.quantize")
 
@@ -35,7 +35,7 @@ GUARD_METRICS = ("top1", "map50", "cosine")  # what this guard can compare fp32 
 def guard_metric(task: str) -> str | None:
     """What a task's int8 guard compares: the plug-in task's declared ``guard_metric`` (service.tasks), else
     the built-in tasks' (classify: top-1, detect: mAP@0.5); None for a task nothing declares."""
-    from service.tasks import get
+    from visionserve.service.tasks import get
 
     plugin = get(task)
     if plugin is not None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from convert.ort_cpu import DEFAULT_THREADS
-from convert.ort_cpu import cpu_session as session  # the tools' one CPU session factory
+from visionserve.convert.ort_cpu import DEFAULT_THREADS
+from visionserve.convert.ort_cpu import cpu_session as session  # the tools' one CPU session factory
 
 __all__ = ["DEFAULT_THREADS", "Latency", "compare_speed", "file_size", "latency", "onnx_macs", "predict",
            "session"]

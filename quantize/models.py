@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.manifest import ClassifyPostprocess, InputSpec, Manifest, Preprocess, Provenance, TensorSpec, sha256_file
-from service.repository import ModelEntry, RepositoryError, load_entry, versions
+from visionserve.service.manifest import (
+    ClassifyPostprocess,
+    InputSpec,
+    Manifest,
+    Preprocess,
+    Provenance,
+    TensorSpec,
+    sha256_file,
+)
+from visionserve.service.repository import ModelEntry, RepositoryError, load_entry, versions
 
 
 def resolve(spec: str, repository: Path | None, labels: list[str] | None = None) -> ModelEntry:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.imaging import Preprocessor
-from service.manifest import Preprocess
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import Preprocess
 
 from .data import hold_out, load_tensors, map_classes, open_set
 from .guard import activation_of, fidelity, topk_hits
@@ -58,9 +58,9 @@ def run_optimize(o: OptimizeOptions) -> str:
 
     import torch
 
-    from convert.export import export_onnx
-    from convert.pipeline import ConvertOptions, convert_model, read_labels
-    from convert.sources import Source, load_source
+    from visionserve.convert.export import export_onnx
+    from visionserve.convert.pipeline import ConvertOptions, convert_model, read_labels
+    from visionserve.convert.sources import Source, load_source
 
     from .int8 import detect_target, settings_for
     from .pipeline import QuantizeJob, run_quantize

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.imaging import Preprocessor
-from service.manifest import Manifest, Provenance, sha256_file
-from service.repository import ModelEntry, write_version
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import Manifest, Provenance, sha256_file
+from visionserve.service.repository import ModelEntry, write_version
 
 from .data import ImageSet, load_tensors, map_classes
 from .detect import DetectFidelity, check_quantizable, detect_fidelity, detector_float_nodes

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.manifest import Preprocess
+from visionserve.service.manifest import Preprocess
 
 log = logging.getLogger("visionserve.quantize")
 
@@ -132,8 +132,8 @@ def prune_model(model: nn.Module, size: int, *, ratio: float | None, target_macs
 def finetune(student: nn.Module, teacher: nn.Module | None, folder: Path, pre: Preprocess, size: int,
              epochs: int, lr: float, batch: int, seed: int) -> dict[str, object]:
     """Fine-tune on an ImageFolder; with a teacher, half the loss is distillation (T = 4)."""
-    from service.imaging import Preprocessor
-    from service.manifest import InputSpec
+    from visionserve.service.imaging import Preprocessor
+    from visionserve.service.manifest import InputSpec
 
     from .data import DatasetError, load_tensors, scan_folder
 
@@ -180,7 +180,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, folder: Path, pre: P
 
 def onnx_speed(models: dict[str, nn.Module], size: int, threads: int = 2) -> dict[str, dict[str, float]]:
     """Export each model (legacy exporter: quick) and time it in ONNX Runtime at batch 1 and 8."""
-    from convert.export import export_onnx
+    from visionserve.convert.export import export_onnx
 
     from .measure import compare_speed
 
@@ -200,7 +200,7 @@ def run_prune(opts: PruneOptions, model: nn.Module | None = None) -> PruneResult
     """Load (unless ``model`` is given), prune, fine-tune, measure, save."""
     started = time.perf_counter()
     if model is None:
-        from convert.sources import SourceError, load_source
+        from visionserve.convert.sources import SourceError, load_source
 
         try:
             model = load_source(arch=opts.arch, module=opts.module, weights=opts.weights,

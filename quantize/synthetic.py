@@ -88,8 +88,8 @@ def synthetic_for(entry, weights, arch: str | None, module: str | None, count: i
     (``torchvision:ARCH`` or ``module:FACTORY``); when the manifest records the weights' SHA-256, the file
     must match it (synthetic data from other weights would calibrate another model).
     """
-    from convert.sources import load_source
-    from service.manifest import sha256_file
+    from visionserve.convert.sources import load_source
+    from visionserve.service.manifest import sha256_file
 
     from .int8 import QuantizeError
 

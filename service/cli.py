@@ -27,16 +27,16 @@ def _root() -> None:
 
 # subcommand → (module, function); a tool package missing from an install just hides its commands.
 COMMANDS = {
-    "convert": ("convert.cli", "convert"),
-    "serve": ("service.serve_cli", "serve"),
-    "publish": ("service.publish_cli", "publish"),
-    "explain": ("service.explain_cli", "explain"),
-    "quantize": ("quantize.cli", "quantize"),
-    "prune": ("quantize.cli", "prune"),
-    "evaluate": ("quantize.cli", "evaluate"),
-    "optimize": ("quantize.cli", "optimize"),
-    "loadtest": ("loadtest.cli", "loadtest"),
-    "tune": ("loadtest.cli", "tune"),
+    "convert": ("visionserve.convert.cli", "convert"),
+    "serve": ("visionserve.service.serve_cli", "serve"),
+    "publish": ("visionserve.service.publish_cli", "publish"),
+    "explain": ("visionserve.service.explain_cli", "explain"),
+    "quantize": ("visionserve.quantize.cli", "quantize"),
+    "prune": ("visionserve.quantize.cli", "prune"),
+    "evaluate": ("visionserve.quantize.cli", "evaluate"),
+    "optimize": ("visionserve.quantize.cli", "optimize"),
+    "loadtest": ("visionserve.loadtest.cli", "loadtest"),
+    "tune": ("visionserve.loadtest.cli", "tune"),
 }
 
 for _name, (_module, _func) in COMMANDS.items():

@@ -30,7 +30,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def mobilenet_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with the real ImageNet MobileNetV2, built by the converter (≈ 20 s, once)."""
-    from convert.default import build_default
+    from visionserve.convert.default import build_default
 
     repo = tmp_path_factory.mktemp("repo")
     build_default(repo, with_embed=False)  # fp32 only: mobilenet_v2 and shapes_detector
@@ -52,7 +52,7 @@ def start_server(repo: Path, tmp: Path, env: dict[str, str] | None = None, timeo
     log = tmp / f"server-{port}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--repository", str(repo), "--port", str(port)],
+        [sys.executable, "-m", "visionserve.service", "serve", "--repository", str(repo), "--port", str(port)],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"

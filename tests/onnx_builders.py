@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.manifest import (
+from visionserve.service.manifest import (
     ClassifyPostprocess,
     InputSpec,
     Manifest,
@@ -18,7 +18,7 @@ from service.manifest import (
     TensorSpec,
     sha256_file,
 )
-from service.repository import write_version
+from visionserve.service.repository import write_version
 
 
 def conv_stack(path: Path, *, size: int, width: int, depth: int) -> None:

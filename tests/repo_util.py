@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.manifest import MANIFEST_FILE, Manifest, sha256_file
-from service.repository import write_version
+from visionserve.service.manifest import MANIFEST_FILE, Manifest, sha256_file
+from visionserve.service.repository import write_version
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "tests" / "data" / "digits_repo" / "digits" / "1"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.background import Grace
+from visionserve.service.background import Grace
 
 
 def feed(grace: Grace, gaps: list[float], start: float = 100.0) -> float:

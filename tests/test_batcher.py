@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.batcher import Batcher, InferenceFailed
-from service.errors import DeadlineExceeded, Unavailable
+from visionserve.service.batcher import Batcher, InferenceFailed
+from visionserve.service.errors import DeadlineExceeded, Unavailable
 
 
 class Recorder:
@@ -254,7 +254,7 @@ def test_lone_requests_take_the_solo_session_and_a_burst_does_not() -> None:
 def test_a_bad_item_in_a_prepared_batch_fails_alone() -> None:
     """Workers decode (``prepare``) on their own thread: one undecodable item among good ones gets its own
     error, the others their answers and what prepare returned beside the tensor."""
-    from service.errors import BadImage
+    from visionserve.service.errors import BadImage
 
     def prepare(raw: float) -> tuple[np.ndarray, str]:
         if raw < 0:
@@ -282,7 +282,7 @@ def test_a_bad_item_in_a_prepared_batch_fails_alone() -> None:
 
 
 def test_an_inference_failure_keeps_the_decode_errors_of_its_batch() -> None:
-    from service.errors import BadImage
+    from visionserve.service.errors import BadImage
 
     def prepare(raw: float) -> tuple[np.ndarray, None]:
         if raw < 0:

@@ -11,10 +11,10 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.imaging import Preprocessor
-from service.manifest import Manifest, sha256_file
-from service.postprocess import top_k
+from visionserve.service.cli import app
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import Manifest, sha256_file
+from visionserve.service.postprocess import top_k
 
 from .conftest import CAT, CAT_CLASSES
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from service.cpus import available_cpus, quota_cpus
-from service.runtime import plan
-from service.settings import ModelSettings
 from tests.conftest import ROOT
+from visionserve.service.cpus import available_cpus, quota_cpus
+from visionserve.service.runtime import plan
+from visionserve.service.settings import ModelSettings
 
 
 def fake_v2(tmp_path: Path, limits: dict[str, str]) -> Path:
@@ -49,8 +49,8 @@ def test_no_cgroup_files_means_no_quota(tmp_path: Path) -> None:
 
 
 def _server_threads(env: dict[str, str], prefix: list[str]) -> dict[str, int]:
-    code = ("import json; from service.settings import Settings; "
-            "from service.runtime import plan; s = Settings(); "
+    code = ("import json; from visionserve.service.settings import Settings; "
+            "from visionserve.service.runtime import plan; s = Settings(); "
             "p = plan(s.defaults, 32, gpu=False, cpus=s.usable_cpus()); "
             "print(json.dumps({'cpus': s.usable_cpus(), 'decode': s.decode_threads or s.usable_cpus(), "
             "'instances': p.instances, 'solo': p.solo_threads}))")

@@ -17,7 +17,7 @@ SHAPES = ROOT / "tests" / "data" / "shapes"
 @pytest.fixture(scope="module")
 def shapes_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The committed shapes weights converted by build_default_detector (≈ 10 s, once)."""
-    from convert.detect_default import build_default_detector
+    from visionserve.convert.detect_default import build_default_detector
 
     repo = tmp_path_factory.mktemp("detect_repo")
     build_default_detector(repo)
@@ -25,8 +25,8 @@ def shapes_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_default_detector_manifest_and_idempotence(shapes_repo: Path) -> None:
-    from convert.detect_default import build_default_detector
-    from service.repository import load_entry
+    from visionserve.convert.detect_default import build_default_detector
+    from visionserve.service.repository import load_entry
 
     entry = load_entry(shapes_repo / "shapes_detector" / "1", verify_checksum=True)
     m = entry.manifest
@@ -43,8 +43,8 @@ def test_default_detector_manifest_and_idempotence(shapes_repo: Path) -> None:
 
 
 def test_evaluate_committed_weights_on_committed_split(shapes_repo: Path) -> None:
-    from quantize.evaluate_detect import evaluate_detection
-    from service.repository import load_entry
+    from visionserve.quantize.evaluate_detect import evaluate_detection
+    from visionserve.service.repository import load_entry
 
     entry = load_entry(shapes_repo / "shapes_detector" / "1")
     result = evaluate_detection(entry, SHAPES / "annotations.json", SHAPES / "images")
@@ -56,8 +56,8 @@ def test_evaluate_committed_weights_on_committed_split(shapes_repo: Path) -> Non
 
 def test_evaluate_is_sensitive_to_wrong_answers(shapes_repo: Path, tmp_path: Path) -> None:
     """The same model scored against shuffled ground truth must fall apart (the metric is not vacuous)."""
-    from quantize.evaluate_detect import evaluate_detection
-    from service.repository import load_entry
+    from visionserve.quantize.evaluate_detect import evaluate_detection
+    from visionserve.service.repository import load_entry
 
     entry = load_entry(shapes_repo / "shapes_detector" / "1")
     right = evaluate_detection(entry, SHAPES / "annotations.json", SHAPES / "images")["mAP@0.5"]
@@ -88,11 +88,11 @@ def test_server_path_matches_pytorch_detections(shapes_repo: Path) -> None:
     import onnxruntime as ort
     import torch
 
-    from convert.detect_default import WEIGHTS
-    from convert.shapes.model import build
-    from service.detection import decode, postprocess
-    from service.imaging import Preprocessor
-    from service.repository import load_entry
+    from visionserve.convert.detect_default import WEIGHTS
+    from visionserve.convert.shapes.model import build
+    from visionserve.service.detection import decode, postprocess
+    from visionserve.service.imaging import Preprocessor
+    from visionserve.service.repository import load_entry
 
     entry = load_entry(shapes_repo / "shapes_detector" / "1")
     m = entry.manifest
@@ -151,12 +151,12 @@ def test_torchvision_detector_converts_with_parity(arch: str, tmp_path: Path) ->
     detection by detection, and decoded by the server's path on a photograph."""
     import onnxruntime as ort
 
-    from convert.detect import convert_detector, default_preprocess
-    from convert.pipeline import ConvertOptions
-    from convert.sources import Source
-    from service.detection import decode
-    from service.imaging import Preprocessor
-    from service.manifest import DetectPostprocess
+    from visionserve.convert.detect import convert_detector, default_preprocess
+    from visionserve.convert.pipeline import ConvertOptions
+    from visionserve.convert.sources import Source
+    from visionserve.service.detection import decode
+    from visionserve.service.imaging import Preprocessor
+    from visionserve.service.manifest import DetectPostprocess
 
     labels = ["__background__", "a", "b", "c", "d"]
     opts = ConvertOptions(
@@ -189,9 +189,9 @@ def test_detection_parity_catches_a_wrong_export(tmp_path: Path) -> None:
     """Compare a model with the ONNX of a *different* model: the proof must fail."""
     import torch
 
-    from convert.detect import SingleImage, detection_parity, single_image_batches
-    from convert.parity import ParityError
-    from service.manifest import InputSpec, Preprocess
+    from visionserve.convert.detect import SingleImage, detection_parity, single_image_batches
+    from visionserve.convert.parity import ParityError
+    from visionserve.service.manifest import InputSpec, Preprocess
 
     model = SingleImage(_ssdlite_with_spread_scores()).eval()
     onnx_path = tmp_path / "m.onnx"
@@ -210,18 +210,18 @@ def test_detection_parity_catches_a_wrong_export(tmp_path: Path) -> None:
 
 
 def test_cli_convert_detect_and_import_onnx(tmp_path: Path) -> None:
-    from service.cli import app
-    from service.repository import load_entry
+    from visionserve.service.cli import app
+    from visionserve.service.repository import load_entry
 
     runner = CliRunner()
     repo = tmp_path / "repo"
     bad = runner.invoke(app, ["convert", "-r", str(repo), "-n", "x", "--task", "detect", "--module",
-                              "convert.shapes.model:build", "--detect-format", "detr"])
+                              "visionserve.convert.shapes.model:build", "--detect-format", "detr"])
     assert bad.exit_code != 0 and "--detect-format" in bad.output
 
     # the shapes detector from its module and weights, as docs/detection.md shows
     ok = runner.invoke(app, ["convert", "-r", str(repo), "-n", "shapes", "--task", "detect", "--module",
-                             "convert.shapes.model:build", "--weights",
+                             "visionserve.convert.shapes.model:build", "--weights",
                              str(ROOT / "convert" / "shapes" / "shapes_detector.pt"),
                              "--labels", str(ROOT / "convert" / "shapes" / "labels.txt"), "--input-size", "256",
                              "--exporter", "legacy"])

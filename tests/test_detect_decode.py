@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from service.detection import annotate, box_iou, decode, nms, postprocess
-from service.imaging import Geometry, Preprocessor
-from service.manifest import DetectPostprocess, InputSpec, Manifest, Preprocess, Provenance, TensorSpec
+from visionserve.service.detection import annotate, box_iou, decode, nms, postprocess
+from visionserve.service.imaging import Geometry, Preprocessor
+from visionserve.service.manifest import DetectPostprocess, InputSpec, Manifest, Preprocess, Provenance, TensorSpec
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RAW = dict(scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # tensor values = pixel values

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from convert.detect_default import build_default_detector
-from service.cli import app
-from service.repository import load_entry, versions
+from visionserve.convert.detect_default import build_default_detector
+from visionserve.service.cli import app
+from visionserve.service.repository import load_entry, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ROOT / "tests" / "data" / "shapes"
@@ -26,7 +26,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 images of the *val* split: calibration never sees the images the guard evaluates on (test split)."""
-    from convert.shapes.data import split, write_coco
+    from visionserve.convert.shapes.data import split, write_coco
 
     out = tmp_path_factory.mktemp("shapes_val")
     write_coco(split("val", 16), out / "images", out / "annotations.json")
@@ -149,7 +149,7 @@ def test_float_nodes_keep_the_box_path_per_layout(layout: str, tmp_path: Path) -
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from quantize.detect import float_nodes
+    from visionserve.quantize.detect import float_nodes
 
     model = _head_model(layout)
     onnx.checker.check_model(model)
@@ -186,7 +186,7 @@ def test_default_int8_detector_follows_the_latest_source(repo: Path, tmp_path: P
     shapes_detector, and builds a new version when the source gets a new one (new weights)."""
     import shutil
 
-    from quantize import default
+    from visionserve.quantize import default
 
     monkeypatch.setattr(default, "DETECTOR_CALIBRATION", 8)
     monkeypatch.setattr(default, "DETECTOR_GUARD", 20)

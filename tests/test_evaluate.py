@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.imaging import Preprocessor
-from service.repository import load_entry
+from visionserve.service.cli import app
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.repository import load_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "tests" / "data" / "digits"
@@ -47,7 +47,7 @@ def test_accuracy_matches_a_folder_built_with_known_mistakes(tmp_path: Path) -> 
 
 
 def test_committed_test_set_accuracy() -> None:
-    from quantize.evaluate import evaluate as run
+    from visionserve.quantize.evaluate import evaluate as run
 
     res = run(load_entry(REPO / "digits" / "1"), DIGITS / "test")
     assert res["images"] == sum(1 for _ in DIGITS.glob("test/*/*.png"))

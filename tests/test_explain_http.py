@@ -156,13 +156,15 @@ def test_errors_deadline_and_metrics(server: Server) -> None:
 
 def test_the_explain_command_writes_the_heat_map(server: Server, tmp_path: Path) -> None:
     out = tmp_path / "cat.png"
-    done = subprocess.run([sys.executable, "-m", "service", "explain", str(CAT), "--url", server.url, "--model",
+    done = subprocess.run([sys.executable, "-m", "visionserve.service",
+                           "explain", str(CAT), "--url", server.url, "--model",
                            "mobilenet_v2", "--method", "rise", "--masks", "16", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (451, 300)
     assert "class 28" in done.stdout and "16 masked images" in done.stdout  # 281-285: the cat classes
-    bad = subprocess.run([sys.executable, "-m", "service", "explain", str(CAT), "--url", server.url, "--model",
+    bad = subprocess.run([sys.executable, "-m", "visionserve.service",
+                          "explain", str(CAT), "--url", server.url, "--model",
                           "mobilenet_v2", "--masks", "0", "--method", "rise"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "422" in bad.stderr and "masks" in bad.stderr

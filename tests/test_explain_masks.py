@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.explain import Region, Rise
+from visionserve.service.explain import Region, Rise
 
 
 @pytest.mark.parametrize(("shape", "region"), [((224, 224), Region(0, 0, 224, 224)),

@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service import imaging
-from service.errors import BadImage, PayloadTooLarge
-from service.imaging import Preprocessor
-from service.manifest import Manifest
+from visionserve.service import imaging
+from visionserve.service.errors import BadImage, PayloadTooLarge
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import Manifest
 
 from .conftest import CAT
 
@@ -92,7 +92,7 @@ def held_out_photos() -> list[tuple[str, Image.Image]]:
     several DCT scales (8/8 down to 2/8) are exercised."""
     from sklearn.datasets import load_sample_images
 
-    from convert.samples import sample_images
+    from visionserve.convert.samples import sample_images
 
     photos = list(sample_images())  # scikit-image's bundled photographs
     photos += [(f"sklearn-{i}", Image.fromarray(a)) for i, a in enumerate(load_sample_images().images)]

@@ -14,15 +14,15 @@ import httpx
 import numpy as np
 import pytest
 
-from service.galleries import GalleryStore
 from tests.conftest import ROOT, start_server, stop_server
 from tests.test_embed import MODEL, enrol_unseen, make_repo, post, put, unseen
+from visionserve.service.galleries import GalleryStore
 
 WRITER = """
 import os, sys
 from pathlib import Path
 import numpy as np
-from service.galleries import Gallery, GalleryStore, Item
+from visionserve.service.galleries import Gallery, GalleryStore, Item
 
 root, who, count, crash_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 store = GalleryStore(root)
@@ -132,7 +132,7 @@ def _version_2(repo: Path) -> None:
     import onnx
     from onnx import helper, numpy_helper
 
-    from service.manifest import Manifest, sha256_file
+    from visionserve.service.manifest import Manifest, sha256_file
 
     v1, v2 = repo / MODEL / "1", repo / MODEL / "2"
     v2.mkdir()

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from service.galleries import Gallery, Item
-from service.gallery_index import EXACT_ITEMS, TEMPLATE, CodeIndex
+from visionserve.service.galleries import Gallery, Item
+from visionserve.service.gallery_index import EXACT_ITEMS, TEMPLATE, CodeIndex
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -84,7 +84,7 @@ def test_helm_lint_finds_nothing_to_fix() -> None:
 
 def check_settings(env: dict[str, str]) -> None:
     """Every VISIONSERVE_* variable is a real server setting and parses (the server ignores unknown env)."""
-    from service.settings import ModelSettings, Settings
+    from visionserve.service.settings import ModelSettings, Settings
 
     for key in env:
         assert key.startswith("VISIONSERVE_"), key

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.manifest import Preprocess
 from tests.conftest import Server, start_server, stop_server
 from tests.onnx_builders import write_conv_stack
+from visionserve.service.manifest import Preprocess
 
 MB = 1 << 20
 W, H = 5000, 8000  # 40 MP: the default max_pixels

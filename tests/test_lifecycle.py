@@ -316,7 +316,8 @@ def start_live(repo: Path, tmp: Path, *args: str, timeout: float = 60) -> Server
     """``visionserve serve`` with command-line options, returned once it is live (ready or not)."""
     port = free_port()
     log = tmp / f"server-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--repository", str(repo), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "visionserve.service",
+                             "serve", "--repository", str(repo), "--port", str(port),
                              *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = Server(f"http://127.0.0.1:{port}", proc, log)

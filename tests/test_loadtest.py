@@ -8,13 +8,13 @@ from dataclasses import replace
 
 import pytest
 
-from loadtest import metrics as server_metrics
-from loadtest.config import ConfigError, LoadConfig, LoadError
-from loadtest.payloads import build_payload
-from loadtest.runner import run_load
-from loadtest.stats import Result, Window
-from loadtest.sweep import SweepSpec, is_stable, parse_sweep, run_sweep
 from tests.test_loadtest_support import JPEG, test_server
+from visionserve.loadtest import metrics as server_metrics
+from visionserve.loadtest.config import ConfigError, LoadConfig, LoadError
+from visionserve.loadtest.payloads import build_payload
+from visionserve.loadtest.runner import run_load
+from visionserve.loadtest.stats import Result, Window
+from visionserve.loadtest.sweep import SweepSpec, is_stable, parse_sweep, run_sweep
 
 
 def config(url: str, **kw: object) -> LoadConfig:
@@ -189,7 +189,7 @@ def test_stability_needs_three_windows_within_tolerance() -> None:
 
 
 def test_auto_sweep_doubles_until_throughput_stops_rising(monkeypatch: pytest.MonkeyPatch) -> None:
-    import loadtest.sweep as sweep_mod
+    import visionserve.loadtest.sweep as sweep_mod
 
     curve = {1: (100, 5.0), 2: (190, 6.0), 4: (350, 9.0), 8: (360, 40.0), 16: (365, 80.0)}
     levels: list[int] = []
@@ -199,7 +199,7 @@ def test_auto_sweep_doubles_until_throughput_stops_rising(monkeypatch: pytest.Mo
         levels.append(level)
         rps, p99 = curve[level]
         w = _window(rps, p99)
-        from loadtest.stats import merge
+        from visionserve.loadtest.stats import merge
 
         hist, errors, span = merge([w])
         return Result("closed", level, span, rps, rps, errors, hist, stable=True)
@@ -227,7 +227,7 @@ def test_list_sweep_against_the_server(tmp_path) -> None:  # type: ignore[no-unt
     d = sweep.to_dict()
     assert d["best"] is None and len(d["steps"]) == 2
 
-    from loadtest.report import write_report
+    from visionserve.loadtest.report import write_report
 
     report = write_report(tmp_path / "rep", d)
     assert "No level met the SLO" in report.read_text()

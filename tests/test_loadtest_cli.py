@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
 from tests.test_loadtest_support import JPEG, test_server
+from visionserve.service.cli import app
 
 runner = CliRunner()
 

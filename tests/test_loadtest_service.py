@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.config import LoadConfig
-from loadtest.runner import run_load
+from visionserve.loadtest.config import LoadConfig
+from visionserve.loadtest.runner import run_load
 
 from .conftest import ROOT, Server
 

@@ -15,8 +15,8 @@ JPEG = b"\xff\xd8\xff\xe0" + b"not really a jpeg, the test server only checks th
 
 @contextlib.contextmanager
 def test_server(**behaviour: object) -> Iterator[str]:
-    """Run ``python -m loadtest.testserver`` with ``--key value`` options; yield its base URL."""
-    args = [sys.executable, "-m", "loadtest.testserver", "--port", "0", "--max-seconds", "120"]
+    """Run ``python -m visionserve.loadtest.testserver`` with ``--key value`` options; yield its base URL."""
+    args = [sys.executable, "-m", "visionserve.loadtest.testserver", "--port", "0", "--max-seconds", "120"]
     for key, value in behaviour.items():
         flag = "--" + key.replace("_", "-")
         args += [flag] if value is True else [flag, str(value)]

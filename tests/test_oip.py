@@ -12,8 +12,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.imaging import Preprocessor
-from service.manifest import Manifest
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import Manifest
 
 from .conftest import CAT, CAT_CLASSES, COFFEE, Server
 

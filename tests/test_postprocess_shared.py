@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantize import guard
-from service import detection, postprocess
+from visionserve.quantize import guard
+from visionserve.service import detection, postprocess
 
 
 def old_softmax_last_axis(x: np.ndarray) -> np.ndarray:  # postprocess.py and detection.py, float32
@@ -72,7 +72,7 @@ def test_the_guard_follows_the_manifest_activation() -> None:
 
 
 def test_activation_of_reads_the_manifest() -> None:
-    from service.manifest import ClassifyPostprocess
+    from visionserve.service.manifest import ClassifyPostprocess
 
     class M:
         postprocess = ClassifyPostprocess(output="logits", activation="sigmoid")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import Preprocessor
-from service.manifest import InputSpec, Manifest, Preprocess
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import InputSpec, Manifest, Preprocess
 
 from .conftest import CAT, Server
 

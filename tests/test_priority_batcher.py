@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
-from service.errors import DeadlineExceeded, Unavailable
+from visionserve.service.batcher import Batcher
+from visionserve.service.errors import DeadlineExceeded, Unavailable
 
 
 class Options:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from service.cli import app
+from visionserve.service.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "tests" / "data" / "digits"
@@ -28,7 +28,7 @@ def conv_channels(m: nn.Module) -> list[int]:
 
 
 def test_pruning_shrinks_channels_and_macs_but_keeps_the_head() -> None:
-    from quantize.prune import count, prune_model
+    from visionserve.quantize.prune import count, prune_model
 
     model = digits_model()
     before, macs0 = conv_channels(model), count(model, 32)[0]
@@ -42,7 +42,7 @@ def test_pruning_shrinks_channels_and_macs_but_keeps_the_head() -> None:
 
 
 def test_target_macs_is_reached() -> None:
-    from quantize.prune import count, prune_model
+    from visionserve.quantize.prune import count, prune_model
 
     model = digits_model()
     macs0 = count(model, 32)[0]
@@ -51,9 +51,9 @@ def test_target_macs_is_reached() -> None:
 
 
 def test_prune_cli_finetunes_saves_and_the_result_converts(tmp_path: Path) -> None:
-    from convert.pipeline import ConvertOptions, convert_model
-    from convert.sources import load_source
-    from service.manifest import Preprocess
+    from visionserve.convert.pipeline import ConvertOptions, convert_model
+    from visionserve.convert.sources import load_source
+    from visionserve.service.manifest import Preprocess
 
     out, ts = tmp_path / "pruned.pt", tmp_path / "pruned.ts"
     r = CliRunner().invoke(app, [
@@ -77,7 +77,7 @@ def test_prune_cli_finetunes_saves_and_the_result_converts(tmp_path: Path) -> No
 
 
 def test_prune_rejects_both_or_neither_amount() -> None:
-    from quantize.prune import PruneError, prune_model
+    from visionserve.quantize.prune import PruneError, prune_model
 
     with pytest.raises(PruneError, match="exactly one"):
         prune_model(digits_model(), 32, ratio=0.3, target_macs=0.5)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.manifest import Manifest
-from service.repository import versions
+from visionserve.service.cli import app
+from visionserve.service.manifest import Manifest
+from visionserve.service.repository import versions
 
 from .repo_util import DIGITS
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.repository import load_entry, versions
+from visionserve.service.cli import app
+from visionserve.service.repository import load_entry, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "tests" / "data" / "digits"
@@ -189,8 +189,8 @@ def test_an_onnx_file_is_accepted(tmp_path: Path, split: tuple[Path, Path]) -> N
 
 
 def test_natural_sets_are_disjoint_by_photo() -> None:
-    from quantize.data import open_set
-    from quantize.natural import CALIBRATION_PHOTOS, HELD_OUT_PHOTOS, SELECTION_PHOTOS, photo, random_crops
+    from visionserve.quantize.data import open_set
+    from visionserve.quantize.natural import CALIBRATION_PHOTOS, HELD_OUT_PHOTOS, SELECTION_PHOTOS, photo, random_crops
 
     sets = [set(CALIBRATION_PHOTOS), set(SELECTION_PHOTOS), set(HELD_OUT_PHOTOS)]
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
@@ -214,7 +214,7 @@ def test_cli_module_imports_no_torch_or_onnxruntime() -> None:
 
 
 def test_fidelity_drop_definitions() -> None:
-    from quantize.guard import fidelity
+    from visionserve.quantize.guard import fidelity
 
     ref = np.zeros((40, 3), np.float32)
     ref[:, 0] = 10  # all confident, class 0
@@ -230,7 +230,7 @@ def test_fidelity_drop_definitions() -> None:
 @pytest.mark.slow
 def test_default_mobilenet_int8_meets_the_guard_and_is_idempotent(mobilenet_repo: Path, tmp_path: Path) -> None:
     """The one MobileNetV2 test: ``make models``' int8 entry (≈ 1 min on 2 cores)."""
-    from quantize.default import NAME, build_default_int8
+    from visionserve.quantize.default import NAME, build_default_int8
 
     repo = tmp_path / "repo"
     shutil.copytree(mobilenet_repo / "mobilenet_v2", repo / "mobilenet_v2")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.repository import load_entry
+from visionserve.service.cli import app
+from visionserve.service.repository import load_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = ROOT / "tests" / "data" / "digits_oneshot_repo"
@@ -40,7 +40,7 @@ def quantize(repo: Path, *extra: str) -> tuple[int, str]:
 
 
 def embed(path: Path, x: np.ndarray) -> np.ndarray:
-    from convert.ort_cpu import cpu_session
+    from visionserve.convert.ort_cpu import cpu_session
 
     s = cpu_session(path, 1)
     return s.run(None, {s.get_inputs()[0].name: x})[0]
@@ -71,8 +71,8 @@ def test_embed_int8_reports_cosine_and_one_shot_and_stays_a_unit_embedding(repo:
     assert notes["speed"]["ratio"]["serving_batch"] == 8  # type: ignore[index]
 
     # the reported cosine is what the files give: recompute on some unseen images, outside the tool
-    from quantize.data import load_tensors, scan_folder
-    from service.imaging import Preprocessor
+    from visionserve.quantize.data import load_tensors, scan_folder
+    from visionserve.service.imaging import Preprocessor
 
     images = scan_folder(UNSEEN)
     images.items = images.items[::30]
@@ -98,8 +98,8 @@ def test_a_failing_embed_guard_refuses_and_writes_nothing(repo: Path, flags: lis
 
 def test_the_held_out_figures_gate_too() -> None:
     # the selection set decides what stays in float; the held-out set can still refuse the result
-    from quantize.guard_embed import EmbedFidelity, gate
-    from quantize.int8 import QuantizeError
+    from visionserve.quantize.guard_embed import EmbedFidelity, gate
+    from visionserve.quantize.int8 import QuantizeError
 
     good_sel = EmbedFidelity(100, 0.995, 0.99, 0.98, 0.8, 0.8, 5, 100)
 
@@ -123,8 +123,8 @@ def test_bad_embed_guard_options_fail_clearly(repo: Path) -> None:
 
 
 def test_embed_fidelity_and_intervals() -> None:
-    from quantize.evaluate_embed import Episodes
-    from quantize.guard_embed import bootstrap_percentile_ci, cosines, embed_fidelity, embed_held_out
+    from visionserve.quantize.evaluate_embed import Episodes
+    from visionserve.quantize.guard_embed import bootstrap_percentile_ci, cosines, embed_fidelity, embed_held_out
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 16))

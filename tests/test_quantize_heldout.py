@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quantize.heldout import bootstrap_ci, held_out
-from quantize.slim import slim
+from visionserve.quantize.heldout import bootstrap_ci, held_out
+from visionserve.quantize.slim import slim
 
 
 def test_bootstrap_resamples_whole_photos_when_crops_are_grouped() -> None:
@@ -138,7 +138,7 @@ def _coco_eval(dets_jitter: float, seed: int):
 
 
 def test_map_bootstrap_reproduces_pycocotools_and_brackets_the_drop() -> None:
-    from quantize.map_bootstrap import drop_ci, map50, per_image
+    from visionserve.quantize.map_bootstrap import drop_ci, map50, per_image
 
     ref, got = _coco_eval(1.0, 0), _coco_eval(6.0, 0)  # same truth; the second's boxes are looser
     everything = np.arange(30)

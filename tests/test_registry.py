@@ -17,10 +17,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.errors import Conflict, ModelNotFound, Unavailable
-from service.metrics import Metrics
-from service.registry import Registry
-from service.settings import Settings
+from visionserve.service.errors import Conflict, ModelNotFound, Unavailable
+from visionserve.service.metrics import Metrics
+from visionserve.service.registry import Registry
+from visionserve.service.settings import Settings
 
 from .repo_util import DIGITS, publish, publish_broken
 

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.errors import BadImage, PayloadTooLarge
-from service.imaging import Preprocessor, decode
-from service.manifest import Manifest
-from service.runtime import Runner, choose_providers
-from service.settings import ConfigError, ModelSettings, load_settings
+from visionserve.service.cli import app
+from visionserve.service.errors import BadImage, PayloadTooLarge
+from visionserve.service.imaging import Preprocessor, decode
+from visionserve.service.manifest import Manifest
+from visionserve.service.runtime import Runner, choose_providers
+from visionserve.service.settings import ConfigError, ModelSettings, load_settings
 
 from .conftest import CAT
 

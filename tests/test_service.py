@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert.samples import encode, sample_image
+from visionserve.convert.samples import encode, sample_image
 
 from .conftest import CAT, CAT_CLASSES, COFFEE, Server, start_server, stop_server
 

@@ -27,7 +27,8 @@ def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start(repo: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--repository", str(repo), "--port", str(free_port()), *extra],
+        [sys.executable, "-m", "visionserve.service",
+         "serve", "--repository", str(repo), "--port", str(free_port()), *extra],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env={"PYTHONUNBUFFERED": "1",
                                                                        "PATH": "/usr/bin:/bin"},
     )

@@ -16,14 +16,14 @@ import onnxruntime as ort
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
-from loadtest.payloads import build_payload
-from service import tasks
-from service.errors import InvalidParameter
-from service.imaging import Preprocessor
-from service.manifest import InputSpec, Manifest, Preprocess, Provenance, TensorSpec, sha256_file
-from service.repository import write_version
-from service.settings import Settings
-from service.tasks.base import Section, Task
+from visionserve.loadtest.payloads import build_payload
+from visionserve.service import tasks
+from visionserve.service.errors import InvalidParameter
+from visionserve.service.imaging import Preprocessor
+from visionserve.service.manifest import InputSpec, Manifest, Preprocess, Provenance, TensorSpec, sha256_file
+from visionserve.service.repository import write_version
+from visionserve.service.settings import Settings
+from visionserve.service.tasks.base import Section, Task
 
 from .conftest import CAT, COFFEE
 from .onnx_builders import conv_stack, write_conv_stack
@@ -122,7 +122,7 @@ def test_register_refuses_a_section_of_another_kind() -> None:
 
 
 def test_a_registered_task_is_served_by_the_generic_route(mean_task: MeanTask, tmp_path: Path) -> None:
-    from service.http.app import create_app
+    from visionserve.service.http.app import create_app
 
     repo = tmp_path / "repo"
 

@@ -12,11 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from loadtest.payloads import KINDS, build_payload
-from service import tasks
-from service.manifest import Manifest
-from service.tasks.embed import EmbedPostprocess
 from tests.conftest import ROOT
+from visionserve.loadtest.payloads import KINDS, build_payload
+from visionserve.service import tasks
+from visionserve.service.manifest import Manifest
+from visionserve.service.tasks.embed import EmbedPostprocess
 
 WEIGHTS = ROOT / "tests" / "data" / "digits_oneshot" / "oneshot_cnn.pt"
 
@@ -34,10 +34,10 @@ def test_a_task_declares_what_the_tools_look_up(task: str) -> None:
 
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_every_task_is_routed_loadtested_and_guarded(task: str) -> None:
-    from quantize.guard import GUARD_METRICS
-    from service.http.app import create_app
-    from service.http.tasks import task_router
-    from service.settings import Settings
+    from visionserve.quantize.guard import GUARD_METRICS
+    from visionserve.service.http.app import create_app
+    from visionserve.service.http.tasks import task_router
+    from visionserve.service.settings import Settings
 
     t = tasks.TASKS[task]
     t.params()  # every query parameter has a default: the bare route works
@@ -51,7 +51,7 @@ def test_every_task_is_routed_loadtested_and_guarded(task: str) -> None:
 
 
 def test_the_builtin_sections_are_the_manifests_and_load_the_committed_repositories() -> None:
-    from service.manifest import ClassifyPostprocess, DetectPostprocess
+    from visionserve.service.manifest import ClassifyPostprocess, DetectPostprocess
 
     assert tasks.TASKS["classify"].section is ClassifyPostprocess
     assert tasks.TASKS["detect"].section is DetectPostprocess
@@ -82,7 +82,7 @@ def test_loadtest_payloads_for_embed_and_identify() -> None:
 
 def convert(repo: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service", "convert", "--task", "embed", "--module",
+        [sys.executable, "-m", "visionserve.service", "convert", "--task", "embed", "--module",
          "examples.train_digits_oneshot:oneshot_net", "--weights", str(WEIGHTS), "--input-size", "32",
          "--resize", "32", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--repository", str(repo), *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -110,7 +110,7 @@ def test_convert_embed_refuses_an_unknown_layer(tmp_path: Path) -> None:
 def test_evaluate_reports_n_way_one_shot_accuracy(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     r = subprocess.run(
-        [sys.executable, "-m", "service", "evaluate", "digits_oneshot", "-r",
+        [sys.executable, "-m", "visionserve.service", "evaluate", "digits_oneshot", "-r",
          str(ROOT / "tests" / "data" / "digits_oneshot_repo"), "-d",
          str(ROOT / "tests" / "data" / "digits_oneshot" / "unseen"), "--episodes", "200", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from loadtest.tune import Candidate, Outcome, choose, grid
-from service.settings import load_settings
 from tests.conftest import ROOT
+from visionserve.loadtest.tune import Candidate, Outcome, choose, grid
+from visionserve.service.settings import load_settings
 
 DIGITS_REPO = ROOT / "tests" / "data" / "digits_repo"
 
@@ -32,7 +32,7 @@ def test_tune_writes_a_config_serve_reads(tmp_path: Path) -> None:
     out = tmp_path / "serve.yaml"
     image = ROOT / "tests" / "data" / "digits"
     proc = subprocess.run(
-        [sys.executable, "-m", "service", "tune", "--repository", str(DIGITS_REPO), "--model", "digits",
+        [sys.executable, "-m", "visionserve.service", "tune", "--repository", str(DIGITS_REPO), "--model", "digits",
          "--slo-p99-ms", "500", "--out", str(out), "--instances", "1,2", "--threads", "1", "--batch", "4",
          "--delay-ms", "0", "--duration", "1", "--max-steps", "2",
          *(["--image", str(image)] if image.exists() else [])],

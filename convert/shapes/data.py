@@ -4,7 +4,7 @@ Every image is drawn from a seed, so a split is reproducible byte for byte; boxe
 the polygon that was drawn). Images come in varied sizes and aspect ratios, so a letterboxing model sees
 what a server would feed it. ``write_coco`` saves a split as image files plus a COCO json.
 
-    python -m convert.shapes.data --out /tmp/shapes --split test --count 200
+    python -m visionserve.convert.shapes.data --out /tmp/shapes --split test --count 200
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 # Profiling aid for docs/profiles/explain-live-p99.md, not product code: put this directory (renamed to
-# sitecustomize.py) on PYTHONPATH of a `python -m service serve` with VS_TRACE=out.json to record events.
+# sitecustomize.py) on PYTHONPATH of a `python -m visionserve.service serve` with VS_TRACE=out.json to record events.
 """Trace hooks for the visionserve server (profiling only; loaded when VS_TRACE names an output file)."""
 import os
 
@@ -29,9 +29,9 @@ if os.environ.get("VS_TRACE"):
                    thread=threading.current_thread().name)
     gc.callbacks.append(_gccb)
     def _install():
-        from service import batcher as B
-        from service import explain as E
-        from service import explainer as X
+        from visionserve.service import batcher as B
+        from visionserve.service import explain as E
+        from visionserve.service import explainer as X
         orig_submit = B.Batcher.submit
         async def submit(self, item, deadline=None, prepare=None, *, background=False):
             if background:
@@ -90,7 +90,7 @@ if os.environ.get("VS_TRACE"):
     import sys
     class Hook(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name == "service.http.explain":
+            if name == "visionserve.service.http.explain":
                 sys.meta_path.remove(self)
                 _install()
                 return None

@@ -56,7 +56,7 @@ class ClassifyTask(Task):
     params = ClassifyParams
     response = ClassifyResponse
     guard_metric = "top1"  # int8 vs fp32: top-1 agreement, or accuracy on labelled images
-    evaluator = "quantize.evaluate:evaluate_classifier"
+    evaluator = "visionserve.quantize.evaluate:evaluate_classifier"
     loadtest_kinds = ("classify",)
 
     def check(self, params: ClassifyParams, settings: Settings) -> None:

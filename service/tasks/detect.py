@@ -85,7 +85,7 @@ class DetectTask(Task):
     params = DetectParams
     response = DetectResponse
     guard_metric = "map50"  # int8 vs fp32: COCO mAP@0.5 on the guard's annotated images
-    evaluator = "quantize.evaluate:evaluate_detector"
+    evaluator = "visionserve.quantize.evaluate:evaluate_detector"
     loadtest_kinds = ("detect",)
 
     def check(self, params: DetectParams, settings: Settings) -> None:

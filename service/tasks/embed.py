@@ -57,7 +57,7 @@ class EmbedTask(Task):
     summary = "Embed one image: an L2-normalised vector (raw body or multipart field 'image')"
     response = EmbedResponse
     guard_metric = "cosine"  # int8 vs fp32: cosine similarity of the embeddings, and one-shot accuracy
-    evaluator = "quantize.evaluate_embed:evaluate_embedding"
+    evaluator = "visionserve.quantize.evaluate_embed:evaluate_embedding"
     loadtest_kinds = ("embed", "identify")
 
     def answer(self, model: LoadedModel, outputs: dict[str, np.ndarray], geometry: Geometry,
