@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -34,6 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from server import start_server  # noqa: E402
 from trees import importable  # noqa: E402
 
 IMAGE = ROOT / "examples" / "images" / "cat.jpg"
@@ -45,27 +45,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(tree: Path, repository: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start(tree: Path, repository: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     """``visionserve serve`` from ``tree``'s own code (``trees.importable``)."""
-    port = free_port()
     env, package = importable(tree)
-    env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", package, "serve", "--repository", str(repository),
-                             "--port", str(port)], cwd=tree, env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server from {tree} exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server from {tree} not ready in 180 s:\n{log.read_text()}")
+    server = start_server(repository, tmp, env=env, module=package, cwd=tree, timeout=180)
+    return server.process, server.url
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -128,7 +112,7 @@ def main() -> None:
         servers = {}
         try:
             for name, tree in trees.items():
-                servers[name] = start(tree, args.repository.resolve(), Path(tmp) / f"{name}.log")
+                servers[name] = start(tree, args.repository.resolve(), Path(tmp))
             for i in range(args.runs):
                 for kind, model in targets:
                     # alternate which tree goes first, so neither always follows the other

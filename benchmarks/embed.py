@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +33,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from server import start_server  # noqa: E402
 
 from visionserve.convert.samples import sample_image  # noqa: E402
 from visionserve.loadtest.config import LoadConfig  # noqa: E402
@@ -74,25 +74,9 @@ def crop(img: Image.Image, rng: np.random.Generator) -> bytes:
 
 
 def start(repo: Path, data: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    """``visionserve serve`` on a free port, ready (the benchmark does not lean on the tests' fixtures)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(data / "server.log", "wb")  # noqa: SIM115 - the server's whole life
-    proc = subprocess.Popen([sys.executable, "-m", "visionserve.service", "serve", "--repository", str(repo), "--port",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "VISIONSERVE_DATA_DIR": str(data)})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return url, proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"server did not start; see {data / 'server.log'}")
+    """``visionserve serve`` on a free port with its galleries under ``data``, ready."""
+    server = start_server(repo, data, env={"VISIONSERVE_DATA_DIR": str(data)}, timeout=180)
+    return server.url, server.process
 
 
 def one_shot(url: str, imgs: dict[str, Image.Image], per_photo: int, seed: int) -> tuple[float, int]:

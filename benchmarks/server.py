@@ -30,13 +30,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(repo: Path, tmp: Path, env: dict[str, str] | None = None, timeout: float = 90) -> Server:
-    """The server over ``repo``, its log in ``tmp``; returns once ``/v2/health/ready`` answers 200."""
+def start_server(repo: Path, tmp: Path, env: dict[str, str] | None = None, timeout: float = 90,
+                 module: str = "visionserve.service", cwd: Path = ROOT) -> Server:
+    """The server over ``repo``, its log in ``tmp``; returns once ``/v2/health/ready`` answers 200.
+    ``module``/``cwd``: run another source tree's code (``trees.importable``)."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "visionserve.service", "serve", "--repository", str(repo), "--port", str(port)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+        [sys.executable, "-m", module, "serve", "--repository", str(repo), "--port", str(port)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
