@@ -33,14 +33,12 @@ GUARD_METRICS = ("top1", "map50", "cosine")  # what this guard can compare fp32 
 
 
 def guard_metric(task: str) -> str | None:
-    """What a task's int8 guard compares: the plug-in task's declared ``guard_metric`` (service.tasks), else
-    the built-in tasks' (classify: top-1, detect: mAP@0.5); None for a task nothing declares."""
+    """What a task's int8 guard compares: the task's declared ``guard_metric`` (service.tasks; classify top-1,
+    detect mAP@0.5, embed cosine); None for a task that is not registered."""
     from visionserve.service.tasks import get
 
     plugin = get(task)
-    if plugin is not None:
-        return plugin.guard_metric
-    return {"classify": "top1", "detect": "map50"}.get(task)
+    return None if plugin is None else plugin.guard_metric
 
 
 def activation_of(manifest: object) -> str:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..explainer import ExplainRequest, check, explain, parse_box
-from .common import dataplane, deadline
+from .common import admitted
 from .native import _BODY, image_from_request
 
 router = APIRouter(tags=["native"])
@@ -33,13 +33,10 @@ async def explain_route(
     seed: int = Query(0, description="RISE: random seed (the same seed gives the same map)"),
     grid: int = Query(56, description="cells along the saliency grid's longer side"),
 ) -> Response:
-    dp = dataplane(request)
-    m = dp.model(model, version)
-    due = deadline(request)
-    req = ExplainRequest(method=method, target=target, masks=masks, patch=patch, stride=stride, seed=seed,
-                         grid=grid, box=parse_box(box))
-    check(req, m, dp.settings.max_masks)  # before reading the body: a bad parameter costs nothing
-    async with dp.track(m, "explain"):
+    async with admitted(request, model, version, "explain") as (dp, m, due):
+        req = ExplainRequest(method=method, target=target, masks=masks, patch=patch, stride=stride, seed=seed,
+                             grid=grid, box=parse_box(box))
+        check(req, m, dp.settings.max_masks)  # before reading the body: a bad parameter costs nothing
         data = await image_from_request(request)
         result = await explain(dp, m, data, req, due)
     if format == "json":
