@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,12 +36,6 @@ from server import start_server  # noqa: E402
 from trees import importable  # noqa: E402
 
 IMAGE = ROOT / "examples" / "images" / "cat.jpg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(tree: Path, repository: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +23,7 @@ from typing import Any
 import yaml
 
 from .config import LoadConfig
+from .server_process import start, stop
 from .sweep import SweepSpec, run_sweep
 
 KNOBS = ("instances", "intra_op_threads", "preferred_batch_size", "max_batch_delay_ms")
@@ -71,35 +65,6 @@ def grid(instances: list[int], threads: list[int], batches: list[int], delays: l
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, limit: float = 180) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"the server was not ready in {limit:.0f} s")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def evaluate(candidate: Candidate, *, model_dir: Path, model: str, images: list[bytes], slo_p99_ms: float,
              duration: float, max_steps: int, workdir: Path) -> Outcome:
     """Serve with this candidate, run concurrency 1, 2, 4, ... and keep the best level within the target."""
@@ -111,27 +76,21 @@ def evaluate(candidate: Candidate, *, model_dir: Path, model: str, images: list[
                 (repo / model / version.name).symlink_to(version.resolve())
     config = workdir / "candidate.yaml"
     config.write_text(yaml.safe_dump({"models": {model: candidate.settings()}}))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = workdir / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "visionserve.service",
-         "serve", "--repository", str(repo), "--port", str(port), "--config",
-         str(config), "--log-level", "warning"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("VISIONSERVE_")},
-    )
     try:
-        _wait_ready(url, proc, log)
+        server = start(repo, workdir, args=["--config", str(config), "--log-level", "warning"], clean_env=True)
+    except RuntimeError as e:  # a candidate the server refuses, or one that never gets ready
+        return Outcome(candidate, None, None, None, [], error=str(e).splitlines()[0][:300])
+    url = server.url
+    try:
         base = LoadConfig(url=url, model=model, kind="classify", images=images, concurrency=1, duration=duration,
                           warmup=1.0, metrics=False)
         levels = [float(2**k) for k in range(max_steps)]
         sweep = run_sweep(base, SweepSpec("closed", levels, 1.0), slo_p99_ms=slo_p99_ms, max_steps=max_steps,
                           max_windows=max(3, int(duration)))
-    except Exception as e:  # a candidate the server refuses, or one that never gets ready
+    except Exception as e:  # a load run that fails on this candidate
         return Outcome(candidate, None, None, None, [], error=str(e).splitlines()[0][:300])
     finally:
-        _stop(proc)
+        stop(server)
     curve = [{"concurrency": s.load, "rps": round(s.throughput_rps, 2), "p99_ms": s.latency_ms["p99"] or 0.0}
              for s in sweep.steps]
     best = sweep.best
