@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
@@ -104,6 +104,8 @@ def test_box_found_in_the_tensor_maps_back_to_the_drawn_box(w: int, h: int, poli
                         Preprocess(resize_policy=policy, pad_value=0, **RAW))  # type: ignore[arg-type]
     tensor, geo = prep.from_image(img)
     assert (geo.width, geo.height) == (w, h)
+    # a box under two tensor pixels wide can blur below the threshold and vanish: that is resampling, not mapping
+    assume(bw * geo.scale_x >= 2 and bh * geo.scale_y >= 2)
     ys, xs = np.nonzero(tensor[0] > 127)
     found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)  # pixel extent
     back = geo.to_original(found)[0]
