@@ -8,6 +8,7 @@ trained model's embeddings of the unseen digits 5–9 (a report of the final mod
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+if __package__ in (None, ""):  # run as `python examples/<script>.py`: the repository root is importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.glyphs import glyph_set
 from examples.train_digits_oneshot import (

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+if __package__ in (None, ""):  # run as `python examples/<script>.py`: the repository root is importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.glyphs import glyph_set
 
