@@ -3,6 +3,7 @@
     python examples/train_digits_oneshot.py --out tests/data/digits_oneshot \
         --repository tests/data/digits_oneshot_repo
     python examples/train_digits_oneshot.py --validate   # recipe selection: never loads a 5–9
+    python examples/search_digits_oneshot.py --list      # the variants tried against this recipe, on 0–4 only
 
 Trained on scikit-learn's digits **0–4 and procedurally generated non-digit glyphs; no image of 5–9**
 (``examples/glyphs.py``: random pen strokes drawn and reduced to 8×8 the way ``load_digits`` was made).
