@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +107,7 @@ async def current(g: Galleries, dp: DataPlane, name: str) -> Gallery:
                 return fresh
             if fresh.items != seen.items or fresh.version != seen.version:
                 raise Retry
-            return replace(fresh, version=version, vectors=vectors)
+            return fresh.reembedded(version, vectors)
 
         try:
             out = await g.run(g.store.update, name, rebuilt)
