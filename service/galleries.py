@@ -196,19 +196,6 @@ class GalleryStore:
             self._cache[name] = (sig, gallery)
         return gallery
 
-    def _current(self, name: str, path: Path) -> Gallery | None:
-        """Under the lock: the state on disk, from the cache when the file is the one cached (an enrolment
-        into 100 000 items need not re-read 512 MB, and its index carries over), else read. None: no state."""
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        with self._cache_lock:
-            hit = self._cache.get(name)
-        if hit is not None and hit[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
-            return hit[1]
-        return _read(name, path)
-
     def image(self, name: str, sha: str) -> bytes:
         return (self.root / name / "images" / sha).read_bytes()
 
@@ -234,7 +221,12 @@ class GalleryStore:
         the result atomically (None: delete the gallery). ``images`` (sha256 → bytes) are stored first."""
         with self.locked(name):
             path = self.root / name / STATE
-            current = self._current(name, path)
+            # what readers see: the cached state while the file is the one cached (an enrolment into 100 000
+            # items does not re-read 512 MB, and the index carries over)
+            try:
+                current: Gallery | None = self.load(name)
+            except GalleryNotFound:
+                current = None
             new = change(current)
             if new is current:
                 return current

@@ -27,7 +27,8 @@ import numpy as np
 
 EXACT_ITEMS = 2048  # up to this many items the float32 scan costs ~0.3 ms: no index
 MIN_CANDIDATES = 64  # exact re-scoring of at least this many approximate best
-TAIL_ITEMS = 512  # items enrolled since the index was built, scored exactly (+0.03 ms at 256, +0.9 ms at 2 048)
+TAIL_ITEMS = 512  # items enrolled since the index was built, scored exactly (≤ ~0.5 ms at 10 000 × 1280:
+#                   benchmarks/gallery_enrol.py)
 
 # query [1, D] → DynamicQuantizeLinear → MatMulInteger(·, codes [D, N] int8) → Cast → × query scale
 # → × scales [N] → TopK(k) → (best, top). ``codes`` and ``scales`` are 1-element placeholders, replaced per index.
