@@ -57,34 +57,43 @@ def _arc(rng: np.random.Generator, box: np.ndarray) -> np.ndarray:
     return centre + np.asarray(pts) * radii
 
 
-def template(rng: np.random.Generator) -> list[np.ndarray]:
+def stroke(rng: np.random.Generator, box: np.ndarray, previous: list[np.ndarray], arc: float = 0.25,
+           last: bool = True) -> np.ndarray:
+    """Control points of one more stroke: an elliptic arc (probability ``arc``) or a 2–4 point Bézier; often
+    started on the previous stroke (``last``) or on any earlier one, like a pen that did not lift."""
+    if rng.random() < arc:
+        pts = _arc(rng, box)
+    else:
+        pts = rng.uniform(0.0, 1.0, (int(rng.choice([2, 3, 4, 4])), 2)) * box
+    if previous and rng.random() < 0.6:
+        prev = _curve(previous[-1] if last else previous[int(rng.integers(len(previous)))])
+        pts = pts - pts[0] + prev[rng.integers(len(prev))]
+    return pts
+
+
+def template(rng: np.random.Generator, arc: float = 0.25) -> list[np.ndarray]:
     """One glyph class: a list of strokes, each an array of Bézier control points (see ``_curve``)."""
     strokes: list[np.ndarray] = []
     box = np.array([rng.uniform(0.35, 1.0), 1.0])  # written taller than wide, like most characters
-    for k in range(int(rng.choice([1, 2, 2, 3]))):
-        if rng.random() < 0.25:
-            pts = _arc(rng, box)
-        else:
-            pts = rng.uniform(0.0, 1.0, (int(rng.choice([2, 3, 4, 4])), 2)) * box
-        if k and rng.random() < 0.6:  # start on the previous stroke, like a pen that did not lift
-            prev = _curve(strokes[-1])
-            pts = pts - pts[0] + prev[rng.integers(len(prev))]
-        strokes.append(pts)
+    for _ in range(int(rng.choice([1, 2, 2, 3]))):
+        strokes.append(stroke(rng, box, strokes, arc))
     return strokes
 
 
-def instance(strokes: list[np.ndarray], rng: np.random.Generator, jitter: float = 0.05) -> np.ndarray:
-    """One handwritten instance of a template: an 8×8 float array of ink counts 0–16."""
+def instance(strokes: list[np.ndarray], rng: np.random.Generator, jitter: float = 0.05,
+             pen: tuple[float, float] = (2.0, 5.0), fill: bool = False) -> np.ndarray:
+    """One handwritten instance of a template: an 8×8 float array of ink counts 0–16. ``fill``: the glyph
+    fills the frame to within 0.3 pen widths (no random margin), as thick-pen digits do."""
     a = np.radians(rng.uniform(-10, 10))
     shear, aspect = rng.uniform(-0.25, 0.25), rng.uniform(0.8, 1.25)
     m = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[aspect, shear], [0.0, 1.0]])
     curves = [_curve(s + rng.normal(0.0, jitter, s.shape)) @ m.T for s in strokes]
     allpts = np.concatenate(curves)
     lo, hi = allpts.min(0), allpts.max(0)
-    width = rng.uniform(2.0, 5.0)
+    width = rng.uniform(*pen)
     # the height fills the frame (minus the pen), unless the width would overflow; aspect ratio kept,
     # centred: how the optdigits bitmaps look
-    room = BITMAP - width - rng.uniform(0.0, 2.0)
+    room = BITMAP - width * 0.3 if fill else BITMAP - width - rng.uniform(0.0, 2.0)
     h, w = float(hi[1] - lo[1]), float(hi[0] - lo[0])
     scale = min(room / max(h, 0.15), room / max(w, 1e-3))
     centre = (lo + hi) / 2

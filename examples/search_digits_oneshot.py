@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch import nn
 
 if __package__ in (None, ""):  # run as `python examples/<script>.py`: the repository root is importable
@@ -99,41 +98,24 @@ VARIANTS: dict[str, Variant] = {
 
 
 # -- generator variants (examples/glyphs.py's template and instance, with the knobs above) ------------------
-def _stroke(rng: np.random.Generator, box: np.ndarray, previous: list[np.ndarray], arc: float,
-            last: bool = False) -> np.ndarray:
-    pts = G._arc(rng, box) if rng.random() < arc else rng.uniform(0, 1, (int(rng.choice([2, 3, 4, 4])), 2)) * box
-    if previous and rng.random() < 0.6:  # start on the last stroke (as examples/glyphs.py) or any earlier one
-        prev = G._curve(previous[-1] if last else previous[int(rng.integers(len(previous)))])
-        pts = pts - pts[0] + prev[rng.integers(len(prev))]
-    return pts
-
-
-def _template(rng: np.random.Generator, arc: float) -> tuple[list[np.ndarray], np.ndarray]:
-    box = np.array([rng.uniform(0.35, 1.0), 1.0])
-    strokes: list[np.ndarray] = []
-    for _ in range(int(rng.choice([1, 2, 2, 3]))):
-        strokes.append(_stroke(rng, box, strokes, arc, last=True))
-    return strokes, box
-
-
 def _family(rng: np.random.Generator, size: int, arc: float) -> list[list[np.ndarray]]:
     """A template and ``size - 1`` siblings that differ from it by one stroke added, removed or replaced."""
     box = np.array([rng.uniform(0.35, 1.0), 1.0])
     parent: list[np.ndarray] = []
     for _ in range(int(rng.choice([1, 2, 2, 3]))):
-        parent.append(_stroke(rng, box, parent, arc))
+        parent.append(G.stroke(rng, box, parent, arc, last=False))
     out = [parent]
     while len(out) < size:
         op = rng.choice(["add", "remove", "replace"] if len(parent) > 1 else ["add", "replace"])
         if op == "add":
-            out.append([*parent, _stroke(rng, box, parent, arc)])
+            out.append([*parent, G.stroke(rng, box, parent, arc, last=False)])
         elif op == "remove":
             i = int(rng.integers(len(parent)))
             out.append(parent[:i] + parent[i + 1:])
         else:
             i = int(rng.integers(len(parent)))
             rest = parent[:i] + parent[i + 1:]
-            out.append([*rest, _stroke(rng, box, rest, arc)])
+            out.append([*rest, G.stroke(rng, box, rest, arc, last=False)])
     return out
 
 
@@ -146,32 +128,10 @@ def _serif(rng: np.random.Generator, strokes: list[np.ndarray]) -> np.ndarray:
     return np.stack([p - (q - p) / 2, p + (q - p) / 2]) if rng.random() < 0.5 else np.stack([p, q])
 
 
-def _instance(strokes: list[np.ndarray], rng: np.random.Generator, v: Variant) -> np.ndarray:
-    if v.pen == (2.0, 5.0) and not v.fill:
-        return G.instance(strokes, rng, jitter=v.jitter)
-    a = np.radians(rng.uniform(-10, 10))
-    shear, aspect = rng.uniform(-0.25, 0.25), rng.uniform(0.8, 1.25)
-    m = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[aspect, shear], [0.0, 1.0]])
-    curves = [G._curve(s + rng.normal(0.0, v.jitter, s.shape)) @ m.T for s in strokes]
-    pts = np.concatenate(curves)
-    lo, hi = pts.min(0), pts.max(0)
-    width = rng.uniform(*v.pen)
-    room = G.BITMAP - (width * 0.3 if v.fill else width + rng.uniform(0.0, 2.0))
-    scale = min(room / max(float(hi[1] - lo[1]), 0.15), room / max(float(hi[0] - lo[0]), 1e-3))
-    img = Image.new("1", (G.BITMAP, G.BITMAP), 0)
-    draw = ImageDraw.Draw(img)
-    for c in curves:
-        draw.line([tuple(p) for p in (c - (lo + hi) / 2) * scale + G.BITMAP / 2], fill=1,
-                  width=max(1, round(width)), joint="curve")
-    return np.asarray(img, dtype=np.float32).reshape(8, 4, 8, 4).sum(axis=(1, 3))
-
-
 def glyph_set(v: Variant, seed: int) -> np.ndarray:
-    """``[classes, per, 8, 8]`` ink counts of the variant's glyph classes."""
+    """``[classes, per, 8, 8]`` ink counts of the variant's glyph classes (for ``base``: exactly
+    ``examples.glyphs.glyph_set``, the committed generator)."""
     rng = np.random.default_rng(seed)
-    if v.families == 0 and v.arc == 0.25 and v.allograph == 0 and v.pen == (2.0, 5.0) and not v.fill \
-            and v.jitter == 0.05:
-        return G.glyph_set(v.glyphs, v.per, seed)  # exactly the committed generator
     out = np.empty((v.glyphs, v.per, 8, 8), dtype=np.float32)
     pending: list[list[np.ndarray]] = []
     for c in range(v.glyphs):
@@ -179,10 +139,11 @@ def glyph_set(v: Variant, seed: int) -> np.ndarray:
             pending = pending or _family(rng, v.families, v.arc)
             t = pending.pop()
         else:
-            t = G.template(rng) if v.arc == 0.25 else _template(rng, v.arc)[0]
+            t = G.template(rng, v.arc)
         variants = [t, [*t, _serif(rng, t)]] if v.allograph else [t]
         for i in range(v.per):
-            out[c, i] = _instance(variants[1] if v.allograph and rng.random() < v.allograph else t, rng, v)
+            written = variants[1] if v.allograph and rng.random() < v.allograph else t
+            out[c, i] = G.instance(written, rng, v.jitter, v.pen, v.fill)
     return out
 
 
